@@ -1,0 +1,80 @@
+"""Per-purpose keys derived from the master secret (HKDF), AES-GCM sealing, HMAC helpers."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+_VERSION = b"\x01"
+
+
+def derive(master: bytes, purpose: str) -> bytes:
+    """A 32-byte key for one purpose; keys for different purposes are independent."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose.encode()).derive(
+        master
+    )
+
+
+class Keyring:
+    """The master secret (and a previous one, for rotation) turned into purpose keys."""
+
+    def __init__(self, master: bytes, previous: Iterable[bytes] = ()) -> None:
+        self._masters = [master, *previous]
+
+    def __repr__(self) -> str:
+        return "Keyring(**********)"
+
+    def key(self, purpose: str) -> bytes:
+        """The current key for a purpose."""
+        return derive(self._masters[0], purpose)
+
+    def seal(self, purpose: str, plaintext: bytes, aad: bytes) -> bytes:
+        """Encrypt and authenticate with AES-GCM; ``aad`` binds the ciphertext to its row."""
+        nonce = os.urandom(12)
+        return _VERSION + nonce + AESGCM(self.key(purpose)).encrypt(nonce, plaintext, aad)
+
+    def open(self, purpose: str, sealed: bytes, aad: bytes) -> bytes:
+        """Decrypt with the current key, then with previous ones (key rotation)."""
+        if not sealed.startswith(_VERSION):
+            raise ValueError("unknown ciphertext version")
+        nonce, ct = sealed[1:13], sealed[13:]
+        for master in self._masters:
+            try:
+                return AESGCM(derive(master, purpose)).decrypt(nonce, ct, aad)
+            except InvalidTag:
+                continue
+        raise ValueError("ciphertext does not open with any configured secret key")
+
+    def mac(self, purpose: str, data: bytes) -> bytes:
+        """HMAC-SHA256 under the purpose key."""
+        return hmac.new(self.key(purpose), data, hashlib.sha256).digest()
+
+    def fingerprint(self, credential: str) -> str:
+        """Keyed hash of a credential: identifies the same credential without storing it."""
+        return base64.urlsafe_b64encode(self.mac("credential-id", credential.encode())).decode()[
+            :32
+        ]
+
+
+def constant_time_equal(a: str, b: str) -> bool:
+    """Compare secrets without leaking where they differ."""
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def mask_key(key: str) -> str:
+    """Show a Stripe-style key as ``sk_test_…6789``; never more than its prefix and last 4."""
+    if not key:
+        return ""
+    parts = key.split("_")
+    prefix = "_".join(parts[:2]) + "_" if len(parts) >= 3 and parts[1] in ("test", "live") else ""
+    if not prefix and len(parts) >= 2:
+        prefix = parts[0] + "_"
+    return f"{prefix}…{key[-4:]}" if len(key) > len(prefix) + 8 else f"{prefix}…"

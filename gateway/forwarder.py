@@ -1,0 +1,212 @@
+"""Sends allowed and approved requests upstream: retries, backoff, one idempotency key.
+
+The retry policy copies stripe-python's ``_should_retry`` and
+``_sleep_time_seconds``: honour ``Stripe-Should-Retry`` first, retry 409, 429
+(after ``Retry-After``), 5xx and connection errors, 0.5 s doubling to a cap
+with jitter, the same ``Idempotency-Key`` on every attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# Request headers an agent may pass to Stripe; everything else is dropped.
+FORWARD_REQUEST_HEADERS = (
+    "Stripe-Version",
+    "Stripe-Account",
+    "Stripe-Context",
+    "Idempotency-Key",
+    "User-Agent",
+    "X-Stripe-Client-User-Agent",
+    "Accept-Language",
+)
+# Response headers never passed back (hop-by-hop, or no longer true after decoding).
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Trailers",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Content-Length",
+        "Content-Encoding",
+        "Date",
+        "Server",
+    )
+)
+INITIAL_DELAY = 0.5
+MAX_DELAY = 5.0
+MAX_RETRY_AFTER = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """Exactly what goes upstream."""
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """What Stripe answered."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+    latency_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try, for the receipt's timeline."""
+
+    number: int
+    status: int | None
+    error: str | None
+    latency_ms: float
+    will_retry: bool
+    delay: float
+
+
+class UpstreamError(Exception):
+    """Stripe could not be reached (connection error or timeout)."""
+
+
+class ForwardFailed(Exception):
+    """No final answer after every attempt."""
+
+    def __init__(self, message: str, last: UpstreamResponse | None) -> None:
+        super().__init__(message)
+        self.last = last
+
+
+def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """Upstream response headers minus hop-by-hop ones."""
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+
+
+def should_retry(status: int, headers: Mapping[str, str]) -> bool:
+    """stripe-python's policy, plus 429."""
+    flag = headers.get("Stripe-Should-Retry")
+    if flag == "false":
+        return False
+    if flag == "true":
+        return True
+    return status in (409, 429) or status >= 500
+
+
+def backoff(attempt: int, headers: Mapping[str, str] | None = None) -> float:
+    """Seconds to sleep before retry number ``attempt`` (1-based)."""
+    if headers is not None:
+        retry_after = headers.get("Retry-After", "")
+        if retry_after.isdigit():
+            return min(float(retry_after), MAX_RETRY_AFTER)
+    delay: float = min(INITIAL_DELAY * 2.0 ** (attempt - 1), MAX_DELAY)
+    delay *= 0.5 * (1 + random.random())
+    return max(INITIAL_DELAY, delay)
+
+
+class Forwarder:
+    """Talks to the one fixed upstream through one pooled session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        upstream: str,
+        *,
+        timeout: float,
+        attempts: int,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._session = session
+        # SECURITY: the upstream is fixed at startup; nothing in a request changes it.
+        self._base = upstream.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        self.attempts = attempts
+        self._sleep = sleep
+
+    @property
+    def attempt_timeout(self) -> float:
+        """Longest one attempt may take."""
+        total: float | None = self._timeout.total
+        return float(total or 30.0)
+
+    def url(self, out: Outbound) -> str:
+        """The full upstream URL of a request."""
+        return self._base + out.path + (("?" + out.query) if out.query else "")
+
+    async def send_once(self, out: Outbound) -> UpstreamResponse:
+        """One attempt; raises UpstreamError when Stripe cannot be reached."""
+        start = time.perf_counter()
+        try:
+            async with self._session.request(
+                out.method,
+                self.url(out),
+                headers=out.headers,
+                data=out.body if out.body else None,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                return UpstreamResponse(
+                    resp.status,
+                    response_headers(resp.headers),
+                    body,
+                    (time.perf_counter() - start) * 1000,
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            raise UpstreamError(f"upstream {kind}: {exc}".rstrip(": ")) from exc
+
+    async def send(
+        self, out: Outbound, on_attempt: Callable[[Attempt], Awaitable[None]] | None = None
+    ) -> UpstreamResponse:
+        """Send with retries; the final answer, or ForwardFailed after the last attempt."""
+        last: UpstreamResponse | None = None
+        error = "no attempt made"
+        for number in range(1, self.attempts + 1):
+            started = time.perf_counter()
+            try:
+                resp = await self.send_once(out)
+            except UpstreamError as exc:
+                last, error = None, str(exc)
+                retry = number < self.attempts
+                delay = backoff(number) if retry else 0.0
+                if on_attempt:
+                    latency = (time.perf_counter() - started) * 1000
+                    await on_attempt(Attempt(number, None, error, latency, retry, delay))
+            else:
+                last = resp
+                retry = should_retry(resp.status, resp.headers)
+                if not retry:
+                    if on_attempt:
+                        await on_attempt(
+                            Attempt(number, resp.status, None, resp.latency_ms, False, 0)
+                        )
+                    return resp
+                error = f"upstream answered {resp.status}"
+                retry = number < self.attempts
+                delay = backoff(number, resp.headers) if retry else 0.0
+                if on_attempt:
+                    await on_attempt(
+                        Attempt(number, resp.status, error, resp.latency_ms, retry, delay)
+                    )
+            if retry:
+                await self._sleep(delay)
+        raise ForwardFailed(f"{error} after {self.attempts} attempts", last)

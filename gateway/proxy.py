@@ -1,0 +1,214 @@
+"""The agent-facing handler: read → classify → allow / deny / hold (PRODUCT.md §3)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway.actions import HoldRequest, request_hash
+from gateway.agents import Agent
+from gateway.canonical import CanonicalRequest, read_request
+from gateway.errors import (
+    ActionClosed,
+    CosignerError,
+    Denied,
+    IdempotencyMismatch,
+    InvalidRequest,
+    PayloadTooLarge,
+    UpstreamUnavailable,
+)
+from gateway.forwarder import FORWARD_REQUEST_HEADERS, Outbound, UpstreamError
+from gateway.keys import ACTIONS, AGENTS, FORWARDER, INFO, POLICY, SETTINGS, STORE
+from gateway.rules import Decision, RuleRequest
+from gateway.store.base import ActionRecord, RequestReceipt
+from gateway.summary import summarize
+from gateway.views import hold_body
+
+log = logging.getLogger("cosigner.proxy")
+
+# SECURITY: a rule must judge the method Stripe acts on; override headers could change it.
+METHOD_OVERRIDE_HEADERS = (
+    "X-HTTP-Method-Override",
+    "X-HTTP-Method",
+    "X-Method-Override",
+    "X-Original-Method",
+)
+READ_METHODS = frozenset({"GET", "HEAD"})
+MAX_JUSTIFICATION = 2000
+
+
+def _forward_headers(request: web.Request) -> dict[str, str]:
+    return {h: request.headers[h] for h in FORWARD_REQUEST_HEADERS if h in request.headers}
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        text=json.dumps(body, separators=(",", ":")),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+async def read_canonical(request: web.Request, max_body: int) -> CanonicalRequest:
+    """The one canonical reading of a request, or a Stripe-shaped 4xx."""
+    for header in METHOD_OVERRIDE_HEADERS:
+        if header in request.headers:
+            raise InvalidRequest(f"The {header} header is not accepted by this gateway.")
+    if request.content_length is not None and request.content_length > max_body:
+        raise PayloadTooLarge(f"Request body is larger than {max_body} bytes.")
+    body = await request.read() if request.body_exists else b""
+    content_type = request.headers.get("Content-Type") if body else None
+    return read_request(request.method, request.raw_path, content_type, body)
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """Every Stripe API call an agent makes comes through here."""
+    app = request.app
+    settings = app[SETTINGS]
+    agent = await app[AGENTS].resolve(request.headers.get("Authorization"))
+    req = await read_canonical(request, settings.max_body)
+    info = request[INFO]
+    info.agent = agent.name
+    key = request.headers.get("Idempotency-Key")
+    if key and req.method not in READ_METHODS and req.method != "DELETE":
+        existing = await app[STORE].find_idempotent(agent.name, key)
+        if existing is not None:
+            return outcome_response(existing, request_hash(req), settings.base_url)
+
+    decision = app[POLICY].current.decide(
+        RuleRequest(
+            method=req.method,
+            path=req.path,
+            params=req.params,
+            agent=agent.name,
+            account=request.headers.get("Stripe-Account"),
+        )
+    )
+    info.rule, info.decision = decision.rule, decision.action
+    if decision.action == "allow":
+        return await _allow(request, req, agent, decision)
+    if decision.action == "deny":
+        await _receipt(request, req, agent, decision, 403)
+        raise Denied(decision.message or f"Denied by rule {decision.rule}.", rule=decision.rule)
+    return await _hold(request, req, agent, decision, key)
+
+
+async def _allow(
+    request: web.Request, req: CanonicalRequest, agent: Agent, decision: Decision
+) -> web.StreamResponse:
+    started = time.perf_counter()
+    headers = _forward_headers(request)
+    headers["Authorization"] = f"Bearer {agent.upstream_key}"
+    if req.body and req.content_type:
+        headers["Content-Type"] = req.content_type
+    out = Outbound(req.method, req.path, req.query, headers, req.body)
+    try:
+        resp = await request.app[FORWARDER].send_once(out)
+    except UpstreamError as exc:
+        await _receipt(request, req, agent, decision, 502, started)
+        raise UpstreamUnavailable(str(exc)) from exc
+    request[INFO].upstream_status = resp.status
+    if req.method not in READ_METHODS:
+        await _receipt(request, req, agent, decision, resp.status, started)
+    return web.Response(status=resp.status, body=resp.body, headers=resp.headers)
+
+
+async def _receipt(
+    request: web.Request,
+    req: CanonicalRequest,
+    agent: Agent,
+    decision: Decision,
+    status: int,
+    started: float | None = None,
+) -> None:
+    """Durable receipt for a write decided without a hold."""
+    latency = (time.perf_counter() - started) * 1000 if started else 0.0
+    await request.app[STORE].record_request(
+        RequestReceipt(
+            id=request[INFO].request_id,
+            ts=time.time(),
+            agent=agent.name,
+            method=req.method,
+            path=req.path,
+            rule=decision.rule,
+            decision=decision.action,
+            status=status,
+            latency_ms=round(latency, 2),
+        )
+    )
+
+
+async def _hold(
+    request: web.Request,
+    req: CanonicalRequest,
+    agent: Agent,
+    decision: Decision,
+    key: str | None,
+) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    justification = request.headers.get("Cosigner-Justification")
+    if justification is not None and len(justification) > MAX_JUSTIFICATION:
+        raise InvalidRequest(
+            f"Cosigner-Justification is longer than {MAX_JUSTIFICATION} characters."
+        )
+    callback = request.headers.get("Cosigner-Callback")
+    if callback is not None and not callback.startswith(("http://", "https://")):
+        raise InvalidRequest("Cosigner-Callback must be an http(s) URL.")
+    context: dict[str, Any] = {}
+    action, _created = await app[ACTIONS].hold(
+        HoldRequest(
+            request=req,
+            decision=decision,
+            agent=agent.name,
+            credential_id=agent.credential_id,
+            upstream_key=agent.upstream_key,
+            headers=_forward_headers(request),
+            idempotency_key=key,
+            account=request.headers.get("Stripe-Account"),
+            justification=justification,
+            callback_url=callback,
+            summary=summarize(req.method, req.path, req.params, context),
+            context=context,
+            reviewers=decision.reviewers or settings.reviewer_list,
+        )
+    )
+    request[INFO].action_id = action.id
+    return outcome_response(action, request_hash(req), settings.base_url)
+
+
+def outcome_response(action: ActionRecord, req_hash: str, base_url: str) -> web.Response:
+    """What an agent gets for an action: the 202 while open, Stripe's answer once final."""
+    if action.request_hash != req_hash:
+        raise IdempotencyMismatch(
+            "Keys for idempotent requests can only be used with the same parameters they were "
+            f"first used with. Try using a key other than the one used for action {action.id}."
+        )
+    headers = {"Cosigner-Action": action.id}
+    if action.status in ("awaiting_approval", "pending"):
+        return _json(202, hold_body(action, base_url), headers)
+    if action.status == "completed" and action.response_code is not None:
+        content_type = (action.response_headers or {}).get("Content-Type", "application/json")
+        return web.Response(
+            status=action.response_code,
+            body=(action.response_body or "").encode(),
+            headers={**headers, "Content-Type": content_type},
+        )
+    if action.status == "failed":
+        err = CosignerError(
+            f"Action {action.id} could not be delivered to Stripe: {action.last_error}",
+            code="cosigner_failed",
+            headers=headers,
+        )
+        err.status, err.type = 502, "api_error"
+        raise err
+    raise ActionClosed(
+        f"Action {action.id} was {action.status}; it was not sent to Stripe.",
+        code=f"cosigner_{action.status}",
+        headers=headers,
+    )

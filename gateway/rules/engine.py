@@ -1,0 +1,597 @@
+"""The compiled, immutable rule set: ``RuleSet.decide`` runs on every proxied request.
+
+Pure by design: no I/O, no clock, no store. Budget usage is handed in by the
+caller, so ``decide`` and ``explain`` give the same answer offline.
+
+``decide`` and ``explain`` share one evaluation routine (``_evaluate``); the
+``reason`` of a decision and the text of an explanation are written by the same
+code that made the decision, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal
+
+ActionKind = Literal["allow", "hold", "deny"]
+OpKind = Literal["eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "exists", "matches"]
+Number = int | Decimal
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+DEFAULT_EXPIRES_AFTER = 86400
+
+# Stripe's own parse of a number: no sign but '-', no spaces, no leading zeros, no hex,
+# no exponent. ASCII classes on purpose: \d would accept other scripts' digits.
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
+_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
+_INDEX = re.compile(r"0|[1-9][0-9]*")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRequest:
+    """What the rules see of one request."""
+
+    method: str
+    path: str
+    params: Mapping[str, Any]
+    agent: str = ""
+    account: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A rule's budget: it matches only while the request fits."""
+
+    count: int | None
+    sum_field: str | None
+    sum_max: int | None
+    per: int
+    scope: Literal["agent", "global"]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUsage:
+    """What a budget has already counted in its window."""
+
+    count: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with a request, which rule said so, and why."""
+
+    action: ActionKind
+    rule: str
+    reason: str
+    message: str | None = None
+    reviewers: tuple[str, ...] = ()
+    approvals: int = 1
+    expires_after: int = DEFAULT_EXPIRES_AFTER
+    editable: tuple[str, ...] = ()
+    callback: str | None = None
+    budget: Budget | None = None
+    source: str | None = None
+    budget_amount: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Operand:
+    """A scalar from a rule file, prepared for comparison."""
+
+    number: Number | None
+    text: str
+    shown: str
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One operator on one dotted field path."""
+
+    field: str
+    parts: tuple[str, ...]
+    op: OpKind
+    operands: tuple[Operand, ...] = ()  # one for eq/ne/lt/lte/gt/gte, the list for in/not_in
+    flag: bool = False  # exists
+    regex: re.Pattern[str] | None = None  # matches
+
+    def describe(self) -> str:
+        """The operator as a rule author wrote it, e.g. ``lte 5000``."""
+        if self.op == "exists":
+            return f"exists: {'true' if self.flag else 'false'}"
+        if self.op == "matches":
+            assert self.regex is not None
+            return f"matches {self.regex.pattern!r}"
+        if self.op in ("in", "not_in"):
+            return f"{self.op} [{', '.join(o.shown for o in self.operands)}]"
+        return f"{self.op} {self.operands[0].shown}"
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """A validated rule with its matchers compiled."""
+
+    name: str
+    source: str
+    action: ActionKind
+    index: int = 1  # position in its file, from 1
+    description: str | None = None
+    methods: frozenset[str] | None = None
+    path: str | None = None
+    path_regex: re.Pattern[str] | None = None
+    agents: frozenset[str] | None = None
+    accounts: frozenset[str] | None = None
+    conditions: tuple[Condition, ...] = ()
+    budget: Budget | None = None
+    sum_parts: tuple[str, ...] = ()  # budget.sum_field split on '.'
+    message: str | None = None
+    reviewers: tuple[str, ...] = ()
+    approvals: int = 1
+    expires_after: int = DEFAULT_EXPIRES_AFTER
+    editable: tuple[str, ...] = ()
+    callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExplanationStep:
+    """One rule tried, in order, and why it did or did not match."""
+
+    rule: str
+    source: str
+    matched: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Every rule tried for a request, and the decision."""
+
+    steps: tuple[ExplanationStep, ...]
+    decision: Decision
+    request: RuleRequest | None = None
+    usage: BudgetUsage | None = None  # of the deciding rule's budget
+
+    def render(self) -> str:
+        """Readable multi-line text for ``cosigner rules explain``."""
+        lines: list[str] = []
+        req = self.request
+        if req is not None:
+            account = req.account if req.account is not None else "(none)"
+            agent = req.agent or "(none)"
+            lines.append(
+                f"{req.method.upper()} {_show_text(req.path)}  agent: {_show_text(agent)}"
+                f"  account: {_show_text(account)}"
+            )
+        if not self.steps:
+            lines.append("  (no rules loaded)")
+        for number, step in enumerate(self.steps, 1):
+            mark = "MATCH" if step.matched else "no   "
+            lines.append(f"  {number:>2}. {mark} {step.rule} ({step.source}): {step.why}")
+        d = self.decision
+        where = f" ({d.source})" if d.source else ""
+        lines.append(f"=> {d.action.upper()} by {_rule_label(d.rule)}{where}")
+        lines.append(f"   reason: {d.reason}")
+        if d.action == "deny" and d.message:
+            lines.append(f"   message: {d.message}")
+        if d.action == "hold":
+            reviewers = ", ".join(d.reviewers) if d.reviewers else "COSIGNER_REVIEWERS"
+            lines.append(
+                f"   reviewers: {reviewers}; approvals needed: {d.approvals};"
+                f" expires after {format_duration(d.expires_after)}"
+            )
+            if d.editable:
+                lines.append(f"   editable: {', '.join(d.editable)}")
+            if d.callback:
+                lines.append(f"   callback: {d.callback}")
+        if d.budget is not None:
+            lines.append(f"   budget: {_budget_state(d.budget, self.usage, d.budget_amount)}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    matched: bool
+    why: str = ""
+    amount: int | None = None  # the sum budget's field, when the rule has one
+
+
+_MISS = _Outcome(False)
+_ZERO = BudgetUsage()
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    """An immutable, ordered rule set; swap the whole object to reload."""
+
+    rules: tuple[CompiledRule, ...] = ()
+    default_read: ActionKind = "allow"
+    default_write: ActionKind = "hold"
+    defaults_source: str | None = None  # the file that declared the defaults, if any
+
+    def decide(self, req: RuleRequest, usage: Mapping[str, BudgetUsage] | None = None) -> Decision:
+        """The first matching rule's decision, or the default one."""
+        method = req.method.upper()
+        for rule in self.rules:
+            outcome = _evaluate(rule, req, method, usage, verbose=False)
+            if outcome.matched:
+                return _rule_decision(rule, outcome)
+        return self._default_decision(method)
+
+    def explain(
+        self, req: RuleRequest, usage: Mapping[str, BudgetUsage] | None = None
+    ) -> Explanation:
+        """Every rule tried up to the deciding one, each with why it did (not) match."""
+        method = req.method.upper()
+        steps: list[ExplanationStep] = []
+        for rule in self.rules:
+            outcome = _evaluate(rule, req, method, usage, verbose=True)
+            steps.append(ExplanationStep(rule.name, rule.source, outcome.matched, outcome.why))
+            if outcome.matched:
+                used = _usage_of(usage, rule.name) if rule.budget is not None else None
+                return Explanation(tuple(steps), _rule_decision(rule, outcome), req, used)
+        return Explanation(tuple(steps), self._default_decision(method), req)
+
+    def budgeted_rules(self) -> tuple[CompiledRule, ...]:
+        """The rules that carry a budget."""
+        return tuple(rule for rule in self.rules if rule.budget is not None)
+
+    def _default_decision(self, method: str) -> Decision:
+        if method in READ_METHODS:
+            kind, action = "read", self.default_read
+        else:
+            kind, action = "write", self.default_write
+        message = "No rule allows this request." if action == "deny" else None
+        return Decision(
+            action=action,
+            rule=f"defaults.{kind}",
+            reason=f"no rule matched; the default for a {kind} ({method}) is {action}",
+            message=message,
+            source=self.defaults_source,
+        )
+
+
+def _rule_decision(rule: CompiledRule, outcome: _Outcome) -> Decision:
+    message = rule.message
+    if rule.action == "deny" and message is None:
+        message = f"Denied by rule '{rule.name}'."
+    return Decision(
+        action=rule.action,
+        rule=rule.name,
+        reason=f"rule '{rule.name}' ({rule.source}) matched: {outcome.why}",
+        message=message,
+        reviewers=rule.reviewers,
+        approvals=rule.approvals,
+        expires_after=rule.expires_after,
+        editable=rule.editable,
+        callback=rule.callback,
+        budget=rule.budget,
+        source=rule.source,
+        budget_amount=outcome.amount,
+    )
+
+
+def _evaluate(
+    rule: CompiledRule,
+    req: RuleRequest,
+    method: str,
+    usage: Mapping[str, BudgetUsage] | None,
+    *,
+    verbose: bool,
+) -> _Outcome:
+    """Does ``rule`` match ``req``? The one place matching happens.
+
+    Checks run cheapest first and stop at the first miss. ``verbose`` only
+    decides whether a miss is worth describing (``explain``) or not (``decide``).
+    """
+    if rule.methods is not None and method not in rule.methods:
+        if not verbose:
+            return _MISS
+        return _Outcome(False, f"method {method} is not {_one_of(sorted(rule.methods))}")
+    if rule.path_regex is not None and rule.path_regex.fullmatch(req.path) is None:
+        if not verbose:
+            return _MISS
+        return _Outcome(False, f"path {_show_text(req.path)} does not match {rule.path}")
+    hit = [f"{method} {_show_text(req.path)}"]
+    if rule.agents is not None:
+        if req.agent not in rule.agents:
+            if not verbose:
+                return _MISS
+            agent = _show_text(req.agent) if req.agent else "(none)"
+            return _Outcome(False, f"agent {agent} is not {_one_of(sorted(rule.agents))}")
+        hit.append(f"agent {_show_text(req.agent)}")
+    if rule.accounts is not None:
+        if req.account is None or req.account not in rule.accounts:
+            if not verbose:
+                return _MISS
+            account = "(no Stripe-Account header)" if req.account is None else req.account
+            wanted = _one_of(sorted(rule.accounts))
+            return _Outcome(False, f"account {_show_text(account)} is not {wanted}")
+        hit.append(f"account {_show_text(req.account)}")
+    for cond in rule.conditions:
+        present, value = _resolve(req.params, cond.parts)
+        ok, why = _test(cond, present, value)
+        if not ok:
+            return _Outcome(False, why) if verbose else _MISS
+        hit.append(why)
+    amount: int | None = None
+    if rule.budget is not None:
+        used = _usage_of(usage, rule.name)
+        fits, why, amount = _fit_budget(rule.budget, rule.sum_parts, used, req.params)
+        if not fits:
+            return _Outcome(False, why) if verbose else _MISS
+        hit.append(why)
+    return _Outcome(True, ", ".join(hit), amount)
+
+
+def _usage_of(usage: Mapping[str, BudgetUsage] | None, name: str) -> BudgetUsage:
+    if not usage:
+        return _ZERO
+    return usage.get(name, _ZERO)
+
+
+def _resolve(params: Mapping[str, Any], parts: tuple[str, ...]) -> tuple[bool, Any]:
+    """Follow a dotted path into nested params: ``metadata.order_id``, ``items.0.price``."""
+    current: Any = params
+    for part in parts:
+        if isinstance(current, Mapping):
+            if part not in current:
+                return False, None
+            current = current[part]
+        elif isinstance(current, list | tuple):
+            if _INDEX.fullmatch(part) is None or int(part) >= len(current):
+                return False, None
+            current = current[int(part)]
+        else:
+            return False, None
+    # A JSON null is "not carried": Stripe reads null as unset, so rules do too.
+    if current is None:
+        return False, None
+    return True, current
+
+
+def to_number(value: object) -> Number | None:
+    """The value as a number if it is one by Stripe's strict parse, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        # Through repr so that 0.1 from JSON equals 0.1 in a rule file, exactly.
+        return Decimal(repr(value)) if math.isfinite(value) else None
+    if isinstance(value, Decimal):
+        return value if value.is_finite() else None
+    if isinstance(value, str) and _NUMBER.fullmatch(value) is not None:
+        if "." in value:
+            return Decimal(value)
+        try:
+            return int(value)
+        except ValueError:  # longer than int's digit limit: still a number
+            return Decimal(value)
+    return None
+
+
+def to_text(value: object) -> str:
+    """The string a non-numeric comparison uses; booleans are ``true``/``false``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else str(value)
+
+
+def make_operand(value: str | int | float | bool) -> Operand:
+    """Prepare a scalar from a rule file for comparison."""
+    return Operand(to_number(value), to_text(value), _show(value))
+
+
+def _equal(value: Any, number: Number | None, operand: Operand) -> bool:
+    if number is not None and operand.number is not None:
+        return number == operand.number
+    return to_text(value) == operand.text
+
+
+def _test(cond: Condition, present: bool, value: Any) -> tuple[bool, str]:
+    """Apply one condition; the text says why it held or did not."""
+    op = cond.op
+    field = cond.field
+    if op == "exists":
+        if present == cond.flag:
+            return True, f"{field} exists" if present else f"{field} is absent"
+        if present:
+            return False, f"{field} is present ({_show(value)}) but must be absent"
+        return False, f"{field} is missing (exists: true)"
+    # A missing field fails every other operator, ne and not_in included: a refund
+    # without an amount must never pass a rule written for small amounts.
+    if not present:
+        return False, f"{field} is missing (needed for {cond.describe()})"
+    # Operators compare values; a whole mapping or list never satisfies one (ne included).
+    if isinstance(value, Mapping | list | tuple):
+        kind = "a list" if isinstance(value, list | tuple) else "a mapping"
+        return False, f"{field} is {kind}, not a value (needed for {cond.describe()})"
+    shown = _show(value)
+    if op == "matches":
+        assert cond.regex is not None
+        if not isinstance(value, str):
+            return False, f"{field} {shown} is not a string (needed for {cond.describe()})"
+        ok = cond.regex.fullmatch(value) is not None
+    else:
+        number = to_number(value)
+        if op in ("lt", "lte", "gt", "gte"):
+            if number is None:
+                return False, f"{field} {shown} is not a number (needed for {cond.describe()})"
+            limit = cond.operands[0].number
+            assert limit is not None
+            if op == "lt":
+                ok = number < limit
+            elif op == "lte":
+                ok = number <= limit
+            elif op == "gt":
+                ok = number > limit
+            else:
+                ok = number >= limit
+        elif op in ("eq", "ne"):
+            ok = _equal(value, number, cond.operands[0]) == (op == "eq")
+        else:  # in, not_in
+            found = any(_equal(value, number, operand) for operand in cond.operands)
+            ok = found == (op == "in")
+    if ok:
+        return True, f"{field} {shown} {cond.describe()}"
+    return False, f"{field} {shown} is not {cond.describe()}"
+
+
+def _fit_budget(
+    budget: Budget, sum_parts: tuple[str, ...], used: BudgetUsage, params: Mapping[str, Any]
+) -> tuple[bool, str, int | None]:
+    """Does this request fit the budget, itself included? The text says how full it is."""
+    per = format_duration(budget.per)
+    parts: list[str] = []
+    if budget.count is not None:
+        if used.count + 1 > budget.count:
+            return False, f"over budget: {used.count}/{budget.count} used in {per}", None
+        parts.append(f"budget {used.count + 1}/{budget.count} in {per}")
+    amount: int | None = None
+    if budget.sum_field is not None and budget.sum_max is not None:
+        present, raw = _resolve(params, sum_parts)
+        amount = _strict_amount(raw) if present else None
+        # Safe side: an amount the budget cannot count does not fit, so the next rule
+        # (usually a hold) decides instead of an unlimited allow.
+        if not present:
+            return False, f"over budget: {budget.sum_field} is missing (the sum needs it)", None
+        if amount is None:
+            shown = _show(raw)
+            why = f"over budget: {budget.sum_field} {shown} is not a whole non-negative number"
+            return False, why, None
+        total = used.total + amount
+        if total > budget.sum_max:
+            why = f"over budget: {used.total} used + {amount} > {budget.sum_max} in {per}"
+            return False, why, None
+        parts.append(f"sum {used.total} + {amount} <= {budget.sum_max} in {per}")
+    return True, ", ".join(parts), amount
+
+
+def _strict_amount(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and _INTEGER.fullmatch(value) is not None:
+        try:
+            number = int(value)
+        except ValueError:  # beyond int's digit limit: no budget is that large
+            return None
+    else:
+        return None
+    # Negative amounts would give budget back; Stripe refuses them anyway.
+    return number if number >= 0 else None
+
+
+def _budget_state(budget: Budget, used: BudgetUsage | None, amount: int | None) -> str:
+    used = used or _ZERO
+    parts: list[str] = []
+    if budget.count is not None:
+        left = budget.count - used.count - 1
+        parts.append(f"{used.count}/{budget.count} used before this request, {left} left after it")
+    if budget.sum_max is not None and budget.sum_field is not None:
+        this = amount if amount is not None else 0
+        left = budget.sum_max - used.total - this
+        parts.append(
+            f"{budget.sum_field} {used.total} used + {this} of {budget.sum_max},"
+            f" {left} left after it"
+        )
+    return f"{'; '.join(parts)} (per {format_duration(budget.per)}, scope {budget.scope})"
+
+
+def compile_path(pattern: str) -> re.Pattern[str]:
+    """Compile a path pattern: ``*`` is within one segment, ``**`` any number of segments.
+
+    Raises ValueError with a readable message for a bad pattern.
+    """
+    if not pattern.startswith("/"):
+        raise ValueError(f"path pattern {pattern!r} must start with '/'")
+    if "?" in pattern or "#" in pattern:
+        raise ValueError("path pattern must not contain '?' or '#': match parameters with 'when'")
+    if pattern == "/":
+        return re.compile("/")
+    if pattern.endswith("/"):
+        raise ValueError("path pattern must not end with '/': paths are matched without it")
+    segments = pattern[1:].split("/")
+    # At most one '**' and one '*' per segment keeps every match linear in the path's
+    # length: paths come from agents, and nested wildcards backtrack polynomially.
+    if segments.count("**") > 1:
+        raise ValueError("path pattern may use '**' only once")
+    parts: list[str] = []
+    for segment in segments:
+        if segment == "":
+            raise ValueError("path pattern has an empty segment ('//')")
+        if segment in (".", ".."):
+            raise ValueError("path pattern must not contain '.' or '..' segments")
+        if segment == "**":
+            parts.append("(?:/[^/]+)*")
+        elif "**" in segment:
+            raise ValueError(f"'**' must be a whole segment, not part of {segment!r}")
+        elif segment == "*":
+            parts.append("/[^/]+")
+        elif segment.count("*") > 1:
+            raise ValueError(f"a path segment may use '*' only once, not {segment!r}")
+        else:
+            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
+    body = "".join(parts)
+    if segments == ["**"]:
+        body = f"(?:{body}|/)"  # '/**' matches everything, the root included
+    return re.compile(body)
+
+
+def format_duration(seconds: int) -> str:
+    """Seconds as the shortest exact unit: ``24h``, ``7d``, ``90s``."""
+    if seconds % 86400 == 0 and seconds > 2 * 86400:
+        return f"{seconds // 86400}d"
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
+def _rule_label(rule: str) -> str:
+    return rule if rule.startswith("defaults.") else f"rule '{rule}'"
+
+
+def _one_of(items: Sequence[str]) -> str:
+    if len(items) == 1:
+        return _show_text(items[0])
+    return "one of " + ", ".join(_show_text(item) for item in items)
+
+
+_MAX_SHOWN = 60
+
+
+def _show_text(text: str) -> str:
+    """Request text in a reason: as is when plain, quoted with escapes when not."""
+    if len(text) > _MAX_SHOWN:
+        return repr(text[:_MAX_SHOWN]) + "..."
+    if text and text.isprintable() and " " not in text and "'" not in text:
+        return text
+    return repr(text)
+
+
+def _show(value: object) -> str:
+    """A value in a reason: numbers bare, other strings quoted so '+5000' shows its '+'."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | Decimal):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        if _NUMBER.fullmatch(value) is not None and len(value) <= _MAX_SHOWN:
+            return value
+        if len(value) > _MAX_SHOWN:
+            return repr(value[:_MAX_SHOWN]) + "..."
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "{...}"
+    if isinstance(value, list | tuple):
+        return "[...]"
+    return repr(value)[:_MAX_SHOWN]

@@ -1,0 +1,113 @@
+"""Frozen settings read from ``COSIGNER_*`` environment variables (PRODUCT.md §1)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("cosigner")
+
+SECRET_FILE_NAME = "cosigner-secret.key"
+
+
+class Settings(BaseSettings):
+    """Every setting has a safe default so `cosigner serve` runs with nothing configured."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COSIGNER_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    listen: str = "127.0.0.1:8080"
+    upstream: str = "https://api.stripe.com"
+    public_url: str | None = None
+    database: str = "sqlite:///./cosigner.db"
+    rules: Path = Path("./rules")
+    secret_key: SecretStr | None = None
+    secret_key_previous: SecretStr | None = None
+    admin_token: SecretStr | None = None
+    smtp_url: SecretStr | None = None
+    mail_from: str = "cosigner@localhost"
+    reviewers: str = ""
+    callback_secret: SecretStr | None = None
+    callback_allow: str = ""
+    max_wait: int = Field(60, ge=0)
+    max_body: int = Field(1_048_576, gt=0)
+    stripe_key: SecretStr | None = None
+    require_agent_keys: bool = False
+    # Not in the public table, but operators may tune them.
+    forward_timeout: float = Field(30.0, gt=0)
+    forward_attempts: int = Field(4, ge=1)
+    worker_interval: float = Field(1.0, gt=0)
+    shutdown_grace: float = Field(20.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_has_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError("COSIGNER_LISTEN must be host:port, e.g. 127.0.0.1:8080")
+        return value
+
+    @field_validator("upstream", "public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/") if value else value
+
+    @property
+    def host(self) -> str:
+        """Host part of COSIGNER_LISTEN."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """Port part of COSIGNER_LISTEN."""
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def base_url(self) -> str:
+        """Base of links in emails, receipts and 202 bodies."""
+        return self.public_url or f"http://{self.listen}"
+
+    @property
+    def reviewer_list(self) -> tuple[str, ...]:
+        """Default reviewers for rules that name none."""
+        return tuple(r.strip() for r in self.reviewers.split(",") if r.strip())
+
+    @property
+    def data_dir(self) -> Path:
+        """Folder of the SQLite file, or the working folder for other databases."""
+        if self.database.startswith("sqlite:///"):
+            return Path(self.database.removeprefix("sqlite:///")).expanduser().resolve().parent
+        return Path.cwd()
+
+
+def load_secret_key(settings: Settings) -> bytes:
+    """The master secret: configured, or generated once into the data folder with a warning."""
+    if settings.secret_key is not None:
+        value = settings.secret_key.get_secret_value()
+        if len(value) < 16:
+            raise ValueError("COSIGNER_SECRET_KEY must be at least 16 characters")
+        return value.encode()
+    path = settings.data_dir / SECRET_FILE_NAME
+    if path.exists():
+        return path.read_bytes().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    generated = secrets.token_urlsafe(48).encode()
+    # SECURITY: create with 0600 so no other local user can read the master secret.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(generated + b"\n")
+    log.warning(
+        "COSIGNER_SECRET_KEY is not set: generated one into %s. Back it up; set the same "
+        "value on every replica.",
+        path,
+    )
+    return generated

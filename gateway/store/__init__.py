@@ -1,0 +1,17 @@
+"""Stores: pick one from COSIGNER_DATABASE."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gateway.store.base import Store
+from gateway.store.sqlite import SqliteStore
+
+
+def store_from_url(url: str, *, clock: Callable[[], float] | None = None) -> Store:
+    """``sqlite:///path`` (embedded default) or ``postgresql://...``."""
+    if url.startswith("sqlite:///"):
+        return SqliteStore.from_url(url, clock=clock)
+    if url.startswith(("postgresql://", "postgres://")):
+        raise ValueError("PostgreSQL support is not available in this version yet.")
+    raise ValueError(f"COSIGNER_DATABASE must start with sqlite:/// or postgresql://, not {url!r}")
