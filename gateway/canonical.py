@@ -25,6 +25,7 @@ Decisions (each refusal is a 4xx from :mod:`gateway.errors`):
   and ``metadata[k]`` are the same key (and twice is a duplicate). Grammar:
   ``name`` then ``[sub]`` groups; ``[]`` (append) only last; all-digit subs
   are list indices (canonical decimal, contiguous from 0). At most 32 levels.
+  Names hold no control characters (values may: ``%0A`` in a description).
 - A name is one parameter in one place: a top-level name in both the query
   string and the body is a duplicate even if the leaves differ, because
   upstream may merge the two shallowly (Rack does ``GET.merge(POST)``).
@@ -68,7 +69,9 @@ _FAST_PATH = re.compile(rf"(?:/[A-Za-z0-9_\-~:@!$&'()+,=][{_SEGMENT_CHARS}]*)+/?
 _DANGEROUS_ESCAPES = ("%2f", "%2e", "%5c", "%25")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _RAW_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _QUERY_FORBIDDEN = re.compile(r"[^\x21-\x7e]|#")
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.\-~]*")
 _KEY_TAIL = re.compile(r"(?:\[[^\[\]]*\])+")
 _SUBKEY = re.compile(r"\[([^\[\]]*)\]")
 
@@ -193,6 +196,10 @@ class _App(list[Any]):
 
 
 def _split_key(key: str) -> list[str]:
+    # SECURITY: no real name holds a control character, and a parser that stops at NUL
+    # would read "amount%00" as a second "amount".
+    if _CONTROL.search(key):
+        raise InvalidRequest("Parameter names may not contain control characters.")
     start = key.find("[")
     if start < 0:
         if key and "]" not in key:
@@ -299,7 +306,7 @@ def encode_form(params: Mapping[str, Any]) -> str:
     """Encode nested params in Stripe bracket notation; the inverse of build_params."""
     out: list[str] = []
     for name, value in params.items():
-        if not isinstance(name, str) or not name or "[" in name or "]" in name:
+        if not _encodable_name(name):
             raise InvalidRequest(f"Cannot form-encode the parameter name {name!r}.")
         _encode_value(_quote(name), value, out, 0)
     return "&".join(out)
@@ -327,14 +334,24 @@ def _encode_value(prefix: str, value: Any, out: list[str], depth: int) -> None:
         raise InvalidRequest(f"Cannot form-encode {type(value).__name__} at {prefix!r}.")
 
 
-def _encodable_subkey(key: Any) -> bool:
-    # An all-digit key would read back as a list index, "" as an append.
+def _encodable_name(name: Any) -> bool:
     return (
-        isinstance(key, str) and bool(key) and "[" not in key and "]" not in key
-    ) and not _is_index(key)
+        isinstance(name, str)
+        and bool(name)
+        and "[" not in name
+        and "]" not in name
+        and not _CONTROL.search(name)
+    )
+
+
+def _encodable_subkey(key: Any) -> bool:
+    # An all-digit key would read back as a list index.
+    return _encodable_name(key) and not _is_index(key)
 
 
 def _quote(text: str) -> str:
+    if _UNRESERVED.fullmatch(text):  # the common case: ids, amounts, currency codes
+        return text
     try:
         quoted = quote_plus(text, safe="")
     except UnicodeEncodeError:
@@ -514,13 +531,21 @@ def _set_path(params: dict[str, Any], segments: list[str], value: Any, dotted: s
             if child is None and seg not in node:
                 child = node[seg] = {}  # a reviewer may add e.g. a metadata key
             node = child
-        elif isinstance(node, list) and _is_index(seg) and int(seg) < len(node):
-            node = node[int(seg)]
+        elif isinstance(node, list) and (slot := _slot(node, seg)) is not None:
+            node = node[slot]
         else:
             raise InvalidRequest(f"Cannot edit {dotted!r}: {seg!r} is not inside an object.")
     if isinstance(node, dict):
         node[last] = value
-    elif isinstance(node, list) and _is_index(last) and int(last) < len(node):
-        node[int(last)] = value
+    elif isinstance(node, list) and (slot := _slot(node, last)) is not None:
+        node[slot] = value
     else:
         raise InvalidRequest(f"Cannot edit {dotted!r}: there is no such place to set it.")
+
+
+def _slot(items: list[Any], seg: str) -> int | None:
+    """The list position a dotted segment names, if it names an existing one."""
+    canonical = _is_index(seg) and (seg == "0" or seg[0] != "0") and len(seg) < 10
+    if canonical and int(seg) < len(items):
+        return int(seg)
+    return None
