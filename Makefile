@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint check browser clean
+.PHONY: serve test lint check browser bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,11 +15,21 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/cosigner serve
 
-# The dashboard tests drive a real browser: Debian's headless Chromium.
+# The dashboard tests drive a real browser: Debian's headless Chromium (never `playwright
+# install`). chromium-headless-shell's binary is /usr/lib/chromium/chromium-headless-shell,
+# chromium's /usr/lib/chromium/chromium; tests/support/browser.py looks there (or at
+# $COSIGNER_TEST_CHROMIUM).
+CHROMIUM_PATHS := $(COSIGNER_TEST_CHROMIUM) /usr/lib/chromium/chromium-headless-shell /usr/lib/chromium/chromium
 browser:
-	@command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 \
-	  || test -x /usr/lib/chromium/chromium \
-	  || (apt-get update -qq && (apt-get install -y -qq chromium-headless-shell || apt-get install -y -qq chromium))
+	@for p in $(CHROMIUM_PATHS); do test -x "$$p" && exit 0; done; \
+	  echo "installing Debian's chromium-headless-shell for the browser tests"; \
+	  apt-get update -qq && export DEBIAN_FRONTEND=noninteractive \
+	  && (apt-get install -y -qq chromium-headless-shell || apt-get install -y -qq chromium)
+
+# Cosigner vs a bare aiohttp proxy vs nginx, side by side (bench/run.py; installs nginx
+# and wrk with apt-get when missing). BENCH_ARGS=--quick for a smoke run.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench

@@ -46,7 +46,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "pending": frozenset({"completed", "failed"}),
 }
 CREDENTIAL_PURPOSE = "held-credential"
-LEASE_MARGIN = 15.0  # seconds a forward lease outlives one attempt
+# Seconds a forward lease outlives one attempt: room for the store write that renews
+# it and for clock skew between replicas. After a crash, another replica (or the
+# restarted one) resumes the forward once FORWARD_TIMEOUT + this has passed.
+LEASE_MARGIN = 5.0
 _ALPHABET = string.ascii_letters + string.digits
 KEPT_RESPONSE_HEADERS = ("Request-Id", "Content-Type", "Idempotent-Replayed", "Stripe-Version")
 
@@ -396,7 +399,7 @@ class ActionService:
         key = self._keyring.open(
             CREDENTIAL_PURPOSE, action.credential_sealed, action.id.encode()
         ).decode()
-        query, body = action.query, action.body
+        query, body, content_type = action.query, action.body, action.content_type
         if action.modified_params:
             edited = with_params(
                 CanonicalRequest(
@@ -409,12 +412,12 @@ class ActionService:
                 ),
                 action.modified_params,
             )
-            query, body = edited.query, edited.body
+            query, body, content_type = edited.query, edited.body, edited.content_type
         headers = {k: v for k, v in action.headers.items() if k.lower() != "idempotency-key"}
         headers["Idempotency-Key"] = action.idempotency_key or f"cosigner-{action.id}"
         headers["Authorization"] = f"Bearer {key}"
-        if action.content_type and body:
-            headers["Content-Type"] = action.content_type
+        if content_type and body:
+            headers["Content-Type"] = content_type
         return Outbound(action.method, action.path, query, headers, body)
 
     async def _forward_claimed(self, action: ActionRecord) -> None:

@@ -1,16 +1,46 @@
-"""Who is calling: the agent behind a request's API key."""
+"""Who is calling: the agent behind a request's API key (PRODUCT.md §3a).
+
+Two kinds of credential:
+
+- Gateway keys ``cos_...`` issued by ``cosigner keys create NAME``. Only their
+  SHA-256 is stored; the agent is named by the key's name, and Stripe sees the
+  real key substituted for it (the key's own sealed Stripe key, else
+  ``COSIGNER_STRIPE_KEY``). A looked-up key is trusted for at most
+  ``GATEWAY_KEY_TTL`` seconds before the store is asked again, so a revocation
+  (made by the CLI in another process, or on another replica) takes effect
+  everywhere within that time.
+- Raw Stripe keys ``sk_...``/``rk_...``, passed through; the agent is named by
+  the masked key (``sk_test_…6789``). Refused with COSIGNER_REQUIRE_AGENT_KEYS.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pydantic import SecretStr
+
 from gateway.crypto import Keyring, mask_key
-from gateway.errors import AuthenticationFailed
+from gateway.errors import AuthenticationFailed, StripeKeyMissing
+from gateway.store.base import AgentKeyRecord, Store
+
+log = logging.getLogger("cosigner.agents")
 
 RAW_KEY_PREFIXES = ("sk_", "rk_")
 GATEWAY_KEY_PREFIX = "cos_"
+STRIPE_KEY_PURPOSE = "agent-stripe-key"
+GATEWAY_KEY_TTL = 5.0
+MAX_CACHED = 10_000
+AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+_INVALID_GATEWAY_KEY = "Invalid API key provided: unknown or revoked gateway key."
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +51,21 @@ class Agent:
     credential_id: str
     upstream_key: str = field(repr=False)
     gateway_key: bool = False
+
+
+def new_gateway_key() -> str:
+    """A fresh gateway key: ``cos_`` and 256 random bits, URL-safe."""
+    return GATEWAY_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def gateway_key_hash(key: str) -> str:
+    """What the store keeps of a gateway key: its SHA-256, hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def mask_gateway_key(record: AgentKeyRecord) -> str:
+    """A stored key for display: ``cos_…abcd``."""
+    return f"{record.prefix}…{record.last4}"
 
 
 def credential_from_header(value: str | None) -> str | None:
@@ -41,12 +86,26 @@ def credential_from_header(value: str | None) -> str | None:
 
 
 class AgentResolver:
-    """Turns a credential into an Agent (raw Stripe keys; gateway keys via the key store)."""
+    """Turns a credential into an Agent: raw Stripe keys, or gateway keys via the store."""
 
-    def __init__(self, keyring: Keyring, *, require_agent_keys: bool) -> None:
+    def __init__(
+        self,
+        keyring: Keyring,
+        store: Store,
+        *,
+        require_agent_keys: bool,
+        stripe_key: SecretStr | None = None,
+        ttl: float = GATEWAY_KEY_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._keyring = keyring
+        self._store = store
         self._require_agent_keys = require_agent_keys
-        self._cache: dict[str, Agent] = {}
+        self._stripe_key = stripe_key
+        self._ttl = ttl
+        self._clock = clock
+        self._raw: dict[str, Agent] = {}
+        self._gateway: dict[str, tuple[Agent, float]] = {}  # key hash -> (agent, trusted until)
 
     def credential_id(self, credential: str) -> str:
         """Keyed fingerprint of a credential ("the same credential" without storing it)."""
@@ -61,19 +120,82 @@ class AgentResolver:
                 "Authorization header.",
                 code="api_key_missing",
             )
-        agent = self._cache.get(credential)
-        if agent is not None:
-            return agent
+        if credential.startswith(GATEWAY_KEY_PREFIX):
+            return await self._gateway_agent(credential)
         if credential.startswith(RAW_KEY_PREFIXES):
-            if self._require_agent_keys:
-                raise AuthenticationFailed(
-                    "This gateway only accepts gateway-issued agent keys (cos_...), not Stripe "
-                    "keys."
-                )
+            return self._raw_agent(credential)
+        raise AuthenticationFailed("Invalid API key provided.")
+
+    def _raw_agent(self, credential: str) -> Agent:
+        if self._require_agent_keys:
+            raise AuthenticationFailed(
+                "This gateway only accepts gateway-issued agent keys (cos_...), not Stripe keys.",
+                code="agent_key_required",
+            )
+        agent = self._raw.get(credential)
+        if agent is None:
             agent = Agent(mask_key(credential), self.credential_id(credential), credential)
-        else:
-            raise AuthenticationFailed("Invalid API key provided.")
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[credential] = agent
+            if len(self._raw) >= MAX_CACHED:
+                self._raw.clear()
+            self._raw[credential] = agent
         return agent
+
+    async def _gateway_agent(self, credential: str) -> Agent:
+        digest = gateway_key_hash(credential)
+        now = self._clock()
+        cached = self._gateway.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        record = await self._store.agent_key_by_hash(digest)
+        # The lookup is by hash, so its timing tells nothing about the key itself; the
+        # comparison is constant-time all the same. Unknown and revoked read the same.
+        if (
+            record is None
+            or not hmac.compare_digest(record.key_hash, digest)
+            or record.revoked_at is not None
+        ):
+            self._gateway.pop(digest, None)
+            raise AuthenticationFailed(_INVALID_GATEWAY_KEY)
+        agent = Agent(
+            record.name,
+            self.credential_id(credential),
+            self._upstream_key(record),
+            gateway_key=True,
+        )
+        if len(self._gateway) >= MAX_CACHED:
+            self._gateway.clear()
+        self._gateway[digest] = (agent, now + self._ttl)
+        return agent
+
+    def _upstream_key(self, record: AgentKeyRecord) -> str:
+        """The real Stripe key substituted for a gateway key."""
+        if record.stripe_key_sealed is not None:
+            try:
+                return open_stripe_key(self._keyring, record)
+            except ValueError:
+                log.error(
+                    "the Stripe key of agent %s does not decrypt with COSIGNER_SECRET_KEY "
+                    "(or COSIGNER_SECRET_KEY_PREVIOUS)",
+                    record.name,
+                )
+                raise StripeKeyMissing(
+                    f"The Stripe key configured for agent {record.name} cannot be decrypted "
+                    "by this gateway."
+                ) from None
+        if self._stripe_key is not None:
+            return self._stripe_key.get_secret_value()
+        raise StripeKeyMissing(
+            f"No Stripe key is configured for agent {record.name}: set COSIGNER_STRIPE_KEY, or "
+            "create the agent's key with --stripe-key."
+        )
+
+
+def seal_stripe_key(keyring: Keyring, name: str, stripe_key: str) -> bytes:
+    """Encrypt an agent's own Stripe key, bound to the agent's name."""
+    return keyring.seal(STRIPE_KEY_PURPOSE, stripe_key.encode(), name.encode())
+
+
+def open_stripe_key(keyring: Keyring, record: AgentKeyRecord) -> str:
+    """Decrypt an agent's own Stripe key; ValueError if no configured secret opens it."""
+    assert record.stripe_key_sealed is not None
+    return keyring.open(STRIPE_KEY_PURPOSE, record.stripe_key_sealed, record.name.encode()).decode()

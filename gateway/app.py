@@ -13,24 +13,30 @@ from aiohttp import web
 from gateway import keys
 from gateway.actions import ActionService
 from gateway.agents import AgentResolver
+from gateway.budgets import Budgets
+from gateway.callbacks import CallbackSender, callback_secret, callback_session
 from gateway.crypto import Keyring
 from gateway.errors import CosignerError, error_from_http, error_response
 from gateway.forwarder import Forwarder
+from gateway.logs import log_request, loggable_path
+from gateway.mail import Mailer, MailOutbox, mailer_from_settings
+from gateway.metrics import Metrics
 from gateway.notify import Notifier
 from gateway.policy import Policy
 from gateway.proxy import proxy
+from gateway.ratelimit import limiter_from_settings, limits_middleware
+from gateway.reload import reload_ctx
 from gateway.settings import Settings, load_secret_key
 from gateway.store import store_from_url
 from gateway.store.base import Store
 from gateway.tasks import TaskSet
-from gateway.web import api
+from gateway.web import api, dashboard, ops, pages, review
 from gateway.workers import every
 
 log = logging.getLogger("cosigner")
-access = logging.getLogger("cosigner.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RESERVED_PREFIXES = ("/cosigner/", "/dashboard", "/review/", "/healthz")
+RESERVED_PREFIXES = ("/cosigner/", "/dashboard", "/review/", "/healthz", "/readyz", "/metrics")
 
 
 @web.middleware
@@ -45,37 +51,28 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
+            # Redirects stay exceptions for aiohttp to send; they still get an id and a line.
+            _finish(request, info, exc, started)
             raise
         response = error_response(error_from_http(exc))
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        path = loggable_path(request.rel_url.raw_path)
+        log.exception("unhandled error on %s %s (%s)", request.method, path, info.request_id)
         err = CosignerError("An unexpected error occurred in the gateway.", code="internal_error")
         err.status, err.type = 500, "api_error"
         response = error_response(err)
-    response.headers["Cosigner-Request-Id"] = info.request_id
-    if access.isEnabledFor(logging.INFO):
-        access.info(
-            "request_id=%s agent=%s method=%s path=%s rule=%s decision=%s action=%s status=%s "
-            "upstream=%s latency_ms=%.1f",
-            info.request_id,
-            info.agent,
-            request.method,
-            request.path,
-            info.rule,
-            info.decision,
-            info.action_id,
-            response.status,
-            info.upstream_status or "-",
-            (time.perf_counter() - started) * 1000,
-        )
+    _finish(request, info, response, started)
     return response
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """200 once the store and rules are loaded."""
-    await request.app[keys.STORE].ping()
-    rules = request.app[keys.POLICY].current
-    return web.json_response({"status": "ok", "rules": len(rules.rules)})
+def _finish(
+    request: web.Request, info: keys.RequestInfo, response: web.StreamResponse, started: float
+) -> None:
+    """Stamp the request id, count the request, and write its one canonical log line."""
+    if not response.prepared:
+        response.headers["Cosigner-Request-Id"] = info.request_id
+    request.app[keys.METRICS].request(info.decision, info.rule, response.status)
+    log_request(info, request, response.status, (time.perf_counter() - started) * 1000)
 
 
 async def reserved_not_found(request: web.Request) -> web.Response:
@@ -88,11 +85,17 @@ def create_app(
     *,
     store: Store | None = None,
     upstream: aiohttp.ClientSession | None = None,
+    mailer: Mailer | None = None,
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
-    """Build the gateway. Tests inject a store, an upstream session and a clock."""
+    """Build the gateway. Tests inject a store, an upstream session, a mailer and a clock."""
+    limiter = limiter_from_settings(settings)
     # Room above max_body so the proxy can answer 413 in Stripe's shape itself.
-    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body)
+    app = web.Application(
+        middlewares=[errors_middleware, limits_middleware(limiter)],
+        client_max_size=settings.max_body,
+    )
+    app[keys.LIMITS] = limiter
     previous = (
         [settings.secret_key_previous.get_secret_value().encode()]
         if (settings.secret_key_previous)
@@ -102,13 +105,27 @@ def create_app(
     app[keys.SETTINGS] = settings
     app[keys.KEYRING] = keyring
     app[keys.POLICY] = Policy.load(settings.rules)
+    app[keys.METRICS] = Metrics(app[keys.POLICY])
     app[keys.STORE] = store or store_from_url(settings.database, clock=clock)
-    app[keys.AGENTS] = AgentResolver(keyring, require_agent_keys=settings.require_agent_keys)
+    app[keys.AGENTS] = AgentResolver(
+        keyring,
+        app[keys.STORE],
+        require_agent_keys=settings.require_agent_keys,
+        stripe_key=settings.stripe_key,
+    )
     app[keys.NOTIFIER] = Notifier()
     app[keys.TASKS] = TaskSet()
+    app[keys.CLOCK] = clock
+    app[keys.BUDGETS] = Budgets(app[keys.STORE], clock=clock)
+    app[keys.MAILER] = mailer or mailer_from_settings(settings)
+    app[keys.MAIL_OUTBOX] = MailOutbox.from_settings(
+        app[keys.STORE], app[keys.MAILER], keyring, settings, clock
+    )
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[keys.STORE].open()
+        # Other replicas' status changes wake this replica's Cosigner-Wait waiters too.
+        await app[keys.STORE].subscribe(app[keys.NOTIFIER].publish)
         yield
         await app[keys.STORE].close()
 
@@ -125,6 +142,7 @@ def create_app(
             settings.upstream,
             timeout=settings.forward_timeout,
             attempts=settings.forward_attempts,
+            observer=app[keys.METRICS],
         )
         app[keys.ACTIONS] = ActionService(
             app[keys.STORE],
@@ -138,22 +156,48 @@ def create_app(
         if owned:
             await session.close()
 
+    async def callbacks_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with callback_session() as session:
+            app[keys.CALLBACKS] = CallbackSender(
+                session,
+                app[keys.STORE],
+                settings,
+                callback_secret(settings, keyring),
+                app[keys.TASKS],
+                delays=settings.callback_delays,
+                secret_configured=settings.callback_secret is not None,
+                clock=clock,
+            )
+            yield
+
+    async def release_waiters(app: web.Application) -> None:
+        # Cosigner-Wait requests answer with the action as it stands rather than delay shutdown.
+        app[keys.NOTIFIER].close()
+
     async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
         actions = app[keys.ACTIONS]
         tasks = app[keys.TASKS]
-        loops = [
-            tasks.spawn(every(settings.worker_interval, "expiry", actions.expire_due)),
-            tasks.spawn(every(settings.worker_interval, "forwards", actions.resume_forwards)),
-        ]
+        stop = tasks.stopping
+        for name, step in (
+            ("expiry", actions.expire_due),
+            ("forwards", actions.resume_forwards),
+            ("mail", app[keys.MAIL_OUTBOX].step),
+            ("callbacks", app[keys.CALLBACKS].deliver_due),
+        ):
+            tasks.spawn(every(settings.worker_interval, name, step, stop=stop), name=name)
         yield
-        for loop in loops:
-            loop.cancel()
-        # Finish in-flight forwards within the grace period; leases cover the rest.
+        # Loops finish the step they are in (an email being sent, a forward being claimed)
+        # and stop; in-flight forwards and deliveries get the grace period, leases the rest.
         await tasks.drain(settings.shutdown_grace)
 
-    app.cleanup_ctx.extend([store_ctx, upstream_ctx, workers_ctx])
-    app.router.add_get("/healthz", healthz)
+    app.cleanup_ctx.extend([store_ctx, upstream_ctx, callbacks_ctx, workers_ctx])
+    app.on_shutdown.append(release_waiters)
+    app.cleanup_ctx.append(reload_ctx)
+    ops.setup(app)
     api.setup(app)
+    pages.setup_static(app)
+    review.setup(app)
+    dashboard.setup(app)
     for prefix in RESERVED_PREFIXES:
         app.router.add_route("*", prefix.rstrip("/") + "/{tail:.*}", reserved_not_found)
     app.router.add_route("*", "/{tail:.*}", proxy)

@@ -14,7 +14,13 @@ Decisions (each refusal is a 4xx from :mod:`gateway.errors`):
   that do not start with exactly one ``/`` (absolute-form, ``//authority``).
   A canonical segment holds only ``A-Z a-z 0-9 _ . - ~ : @ ! $ & ' ( ) + ,
   =`` and is never all dots. ``*`` is left out: it is the glob of rule
-  paths and no Stripe path has it.
+  paths and no Stripe path has it. Requests must then be under ``/v1`` or
+  ``/v2`` and spell Stripe's fixed segments in lower case without suffixes
+  (``/v1/REFUNDS``, ``/v1/refunds.json`` are refused: see
+  :mod:`gateway.stripe_api`); ids keep their case.
+- Methods: only GET, HEAD, POST and DELETE (Stripe uses no others; 405).
+  Method overrides (headers, Rack's ``_method`` parameter) are the proxy's
+  to refuse, with the other checks of :func:`gateway.stripe_api.check_api_request`.
 - Query string and body (form) are ``&``-separated ``key=value`` pairs. ``;``
   is data, never a separator: the re-encoding escapes it (``%3B``), so an
   upstream that would split on it receives one value, the one the rules saw.
@@ -53,14 +59,18 @@ from gateway.errors import (
     InvalidBody,
     InvalidPath,
     InvalidRequest,
+    MethodNotAllowed,
     UnsupportedMediaType,
 )
+from gateway.stripe_api import check_api_path
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 MAX_DEPTH = 32
 
 _NO_BODY = frozenset({"GET", "HEAD", "DELETE"})
+# The methods Stripe's API uses; anything else (PUT, PATCH, OPTIONS, TRACE ...) is refused.
+METHODS = ("GET", "HEAD", "POST", "DELETE")
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SEGMENT_CHARS = r"A-Za-z0-9_.\-~:@!$&'()+,="
 _SAFE_SEGMENT = re.compile(rf"[{_SEGMENT_CHARS}]+")
@@ -454,8 +464,14 @@ def read_request(
     if not _METHOD.fullmatch(method):
         raise InvalidRequest("The request method is not a valid token.")
     method = method.upper()
+    if method not in METHODS:
+        raise MethodNotAllowed(
+            f"The method {_show(method)} is not used by the Stripe API.",
+            headers={"Allow": ", ".join(METHODS)},
+        )
     raw_path, _, raw_query = raw_target.partition("?")
     path = normalise_path(raw_path)
+    check_api_path(path)
     query_params: dict[str, Any] = {}
     if raw_query:
         if _QUERY_FORBIDDEN.search(raw_query):

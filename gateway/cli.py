@@ -1,4 +1,4 @@
-"""``cosigner`` — serve | rules check | rules explain."""
+"""``cosigner`` — serve | rules check|explain | actions list|show|approve|reject | keys | doctor."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gateway.rules import RuleRequest, RulesError, check_rules, load_rules
+from gateway import cli_actions, cli_keys, doctor
+from gateway.rules import BudgetUsage, RuleRequest, RulesError, RuleSet, check_rules, load_rules
 from gateway.settings import Settings
 
 
@@ -38,21 +39,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from gateway.app import create_app
+    from gateway.logs import configure_logging
 
     settings = _settings(args.config)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         app = create_app(settings)
     except RulesError as exc:
         print(f"cosigner: invalid rules in {settings.rules}:\n{exc}", file=sys.stderr)
         return 2
-    print(
-        f"cosigner: listening on http://{settings.listen} → {settings.upstream} "
-        f"(rules: {settings.rules}, database: {settings.database.split('@')[-1]})",
-        flush=True,
+    # A log record, not a print: with COSIGNER_LOG_FORMAT=json every line is JSON.
+    logging.getLogger("cosigner").info(
+        "listening on http://%s → %s (rules: %s, database: %s)",
+        settings.listen,
+        settings.upstream,
+        settings.rules,
+        settings.database.split("@")[-1],
     )
     web.run_app(
         app,
@@ -113,8 +115,36 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
         agent=args.agent or "",
         account=headers.get("Stripe-Account"),
     )
-    print(rules.explain(request).render())
+    usage, note = _budget_usage(rules, request.agent)
+    print(rules.explain(request, usage).render())
+    if note:
+        print(f"   ({note})")
+    from gateway.resolve import target_of
+
+    target = target_of(request.method, request.path, request.params)
+    if target is not None and target.money is not None and params.get("amount") is None:
+        print(
+            f"   note: without amount, the gateway reads {target.source} first and the rules"
+            " see the amount Stripe would act on; try -d amount=N"
+        )
     return 0
+
+
+def _budget_usage(rules: RuleSet, agent: str) -> tuple[dict[str, BudgetUsage], str]:
+    """Budget usage from the configured database; unused (and said so) if it can't be read."""
+    import asyncio
+    import time
+
+    from gateway.budgets import usage_from_database
+
+    if not rules.budgeted_rules():
+        return {}, ""
+    database = _settings().database
+    try:
+        return asyncio.run(usage_from_database(database, rules, agent, time.time()))
+    except Exception as exc:  # explain still answers, offline
+        where = database.split("@")[-1]
+        return {}, f"could not read budget usage from {where} ({exc}): budgets shown unused"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--agent", help="agent name")
     explain.add_argument("--rules", help="folder (default: COSIGNER_RULES)")
     explain.set_defaults(func=cmd_rules_explain)
+
+    cli_actions.register(sub, _settings)
+    cli_keys.register(sub, _settings)
+    doctor.register(sub, _settings)
     return parser
 
 

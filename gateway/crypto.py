@@ -57,6 +57,14 @@ class Keyring:
         """HMAC-SHA256 under the purpose key."""
         return hmac.new(self.key(purpose), data, hashlib.sha256).digest()
 
+    def verify_mac(self, purpose: str, data: bytes, mac: bytes) -> bool:
+        """True if ``mac`` is data's HMAC under the current or a previous key (rotation)."""
+        ok = False
+        for master in self._masters:
+            expected = hmac.new(derive(master, purpose), data, hashlib.sha256).digest()
+            ok |= hmac.compare_digest(expected, mac)
+        return ok
+
     def fingerprint(self, credential: str) -> str:
         """Keyed hash of a credential: identifies the same credential without storing it."""
         return base64.urlsafe_b64encode(self.mac("credential-id", credential.encode())).decode()[
@@ -65,8 +73,11 @@ class Keyring:
 
 
 def constant_time_equal(a: str, b: str) -> bool:
-    """Compare secrets without leaking where they differ."""
-    return hmac.compare_digest(a.encode(), b.encode())
+    """Compare secrets without leaking where they differ, or how long the secret is."""
+    # Digests first: compare_digest on unequal lengths returns early, telling the length.
+    return hmac.compare_digest(
+        hashlib.sha256(a.encode()).digest(), hashlib.sha256(b.encode()).digest()
+    )
 
 
 def mask_key(key: str) -> str:

@@ -14,10 +14,12 @@ exceptions: ``{"error": {"type": ..., "code": ..., "message": ...}}``.
     │   ├── Denied                     403 cosigner_denied (+ rule)
     │   └── ActionClosed               403 cosigner_rejected|expired|cancelled
     ├── NotFound                       404 resource_missing
+    ├── MethodNotAllowed               405 method_not_allowed (+ Allow)
     ├── Conflict                       409 action_not_awaiting_approval
     ├── PayloadTooLarge                413 body_too_large
     ├── UnsupportedMediaType           415 content_type_unsupported
     ├── RateLimited                    429 rate_limit_error (+ Retry-After)
+    ├── StripeKeyMissing               500 api_error (a gateway key with no Stripe key)
     └── UpstreamUnavailable            502 api_error
 """
 
@@ -123,6 +125,13 @@ class NotFound(CosignerError):
     code = "resource_missing"
 
 
+class MethodNotAllowed(CosignerError):
+    """A method Stripe's API does not use (only GET, HEAD, POST and DELETE pass)."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
 class Conflict(CosignerError):
     """The action is not in a state that allows this."""
 
@@ -150,6 +159,14 @@ class RateLimited(CosignerError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit"
+
+
+class StripeKeyMissing(CosignerError):
+    """A gateway key is valid but no Stripe key is configured to substitute for it."""
+
+    status = 500
+    type = "api_error"
+    code = "stripe_key_missing"
 
 
 class UpstreamUnavailable(CosignerError):

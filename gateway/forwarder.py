@@ -13,9 +13,11 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 # Request headers an agent may pass to Stripe; everything else is dropped.
 FORWARD_REQUEST_HEADERS = (
@@ -96,6 +98,19 @@ class ForwardFailed(Exception):
         self.last = last
 
 
+class ForwardObserver(Protocol):
+    """Told about every upstream attempt (the seam for metrics)."""
+
+    def upstream(self, seconds: float, answered: bool) -> None:
+        """One attempt took ``seconds``; ``answered`` is False without an HTTP answer."""
+
+    def forward_attempt(self, attempt: Attempt) -> None:
+        """One attempt of a forward with retries."""
+
+    def forward_finished(self, completed: bool) -> None:
+        """A forward with retries got its final answer (True) or gave up (False)."""
+
+
 def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """Upstream response headers minus hop-by-hop ones."""
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
@@ -112,14 +127,18 @@ def should_retry(status: int, headers: Mapping[str, str]) -> bool:
 
 
 def backoff(attempt: int, headers: Mapping[str, str] | None = None) -> float:
-    """Seconds to sleep before retry number ``attempt`` (1-based)."""
-    if headers is not None:
-        retry_after = headers.get("Retry-After", "")
-        if retry_after.isdigit():
-            return min(float(retry_after), MAX_RETRY_AFTER)
+    """Seconds to sleep before retry number ``attempt`` (1-based).
+
+    Jittered exponential backoff, but never less than the ``Retry-After`` the
+    upstream asked for (capped at MAX_RETRY_AFTER), as stripe-python does.
+    """
     delay: float = min(INITIAL_DELAY * 2.0 ** (attempt - 1), MAX_DELAY)
     delay *= 0.5 * (1 + random.random())
-    return max(INITIAL_DELAY, delay)
+    delay = max(INITIAL_DELAY, delay)
+    retry_after = (headers or {}).get("Retry-After", "").strip()
+    if retry_after.isdigit():
+        delay = max(delay, min(float(retry_after), MAX_RETRY_AFTER))
+    return delay
 
 
 class Forwarder:
@@ -133,6 +152,7 @@ class Forwarder:
         timeout: float,
         attempts: int,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        observer: ForwardObserver | None = None,
     ) -> None:
         self._session = session
         # SECURITY: the upstream is fixed at startup; nothing in a request changes it.
@@ -140,6 +160,7 @@ class Forwarder:
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
         self.attempts = attempts
         self._sleep = sleep
+        self._observer = observer
 
     @property
     def attempt_timeout(self) -> float:
@@ -147,9 +168,9 @@ class Forwarder:
         total: float | None = self._timeout.total
         return float(total or 30.0)
 
-    def url(self, out: Outbound) -> str:
-        """The full upstream URL of a request."""
-        return self._base + out.path + (("?" + out.query) if out.query else "")
+    def url(self, out: Outbound) -> URL:
+        """The full upstream URL, already encoded: yarl must not re-escape the approved bytes."""
+        return URL(self._base + out.path + (("?" + out.query) if out.query else ""), encoded=True)
 
     async def send_once(self, out: Outbound) -> UpstreamResponse:
         """One attempt; raises UpstreamError when Stripe cannot be reached."""
@@ -164,13 +185,15 @@ class Forwarder:
                 allow_redirects=False,
             ) as resp:
                 body = await resp.read()
+                seconds = time.perf_counter() - start
+                if self._observer is not None:
+                    self._observer.upstream(seconds, True)
                 return UpstreamResponse(
-                    resp.status,
-                    response_headers(resp.headers),
-                    body,
-                    (time.perf_counter() - start) * 1000,
+                    resp.status, response_headers(resp.headers), body, seconds * 1000
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if self._observer is not None:
+                self._observer.upstream(time.perf_counter() - start, False)
             kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             raise UpstreamError(f"upstream {kind}: {exc}".rstrip(": ")) from exc
 
@@ -178,6 +201,8 @@ class Forwarder:
         self, out: Outbound, on_attempt: Callable[[Attempt], Awaitable[None]] | None = None
     ) -> UpstreamResponse:
         """Send with retries; the final answer, or ForwardFailed after the last attempt."""
+        if self._observer is not None:
+            on_attempt = _observed(self._observer, on_attempt)
         last: UpstreamResponse | None = None
         error = "no attempt made"
         for number in range(1, self.attempts + 1):
@@ -199,6 +224,8 @@ class Forwarder:
                         await on_attempt(
                             Attempt(number, resp.status, None, resp.latency_ms, False, 0)
                         )
+                    if self._observer is not None:
+                        self._observer.forward_finished(True)
                     return resp
                 error = f"upstream answered {resp.status}"
                 retry = number < self.attempts
@@ -209,4 +236,17 @@ class Forwarder:
                     )
             if retry:
                 await self._sleep(delay)
+        if self._observer is not None:
+            self._observer.forward_finished(False)
         raise ForwardFailed(f"{error} after {self.attempts} attempts", last)
+
+
+def _observed(
+    observer: ForwardObserver, on_attempt: Callable[[Attempt], Awaitable[None]] | None
+) -> Callable[[Attempt], Awaitable[None]]:
+    async def report(attempt: Attempt) -> None:
+        observer.forward_attempt(attempt)
+        if on_attempt is not None:
+            await on_attempt(attempt)
+
+    return report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -9,10 +11,15 @@ from aiohttp import web
 
 from gateway.actions import ActionService
 from gateway.agents import AgentResolver
+from gateway.budgets import Budgets
+from gateway.callbacks import CallbackSender
 from gateway.crypto import Keyring
 from gateway.forwarder import Forwarder
+from gateway.mail import Mailer, MailOutbox
+from gateway.metrics import Metrics
 from gateway.notify import Notifier
 from gateway.policy import Policy
+from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
 from gateway.store.base import Store
 from gateway.tasks import TaskSet
@@ -28,6 +35,7 @@ class RequestInfo:
     decision: str = "-"
     action_id: str = "-"
     upstream_status: int | None = None
+    path: str = ""  # the canonical path, once the proxy has read the request
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -40,4 +48,12 @@ TASKS = web.AppKey("tasks", TaskSet)
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 ACTIONS = web.AppKey("actions", ActionService)
+CALLBACKS = web.AppKey("callbacks", CallbackSender)
+METRICS = web.AppKey("metrics", Metrics)
+SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)  # set on shutdown: not ready
+MAILER: web.AppKey[Mailer] = web.AppKey("mailer")
+MAIL_OUTBOX = web.AppKey("mail_outbox", MailOutbox)
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")  # the injected clock
+BUDGETS = web.AppKey("budgets", Budgets)
+LIMITS = web.AppKey("limits", RateLimiter)
 INFO = web.RequestKey("info", RequestInfo)

@@ -18,6 +18,7 @@ class Policy:
         self.current = rules
         self.reloads = 0
         self.failed_reloads = 0
+        self.last_error: RulesError | None = None  # why the last reload failed, until one works
 
     @classmethod
     def load(cls, directory: Path) -> Policy:
@@ -30,9 +31,11 @@ class Policy:
             rules = load_rules(self.directory)
         except RulesError as exc:
             self.failed_reloads += 1
+            self.last_error = exc
             log.error("rule reload failed, previous rules stay in force:\n%s", exc)
             return False
         self.current = rules
         self.reloads += 1
+        self.last_error = None
         log.info("rules reloaded from %s (%d rules)", self.directory, len(rules.rules))
         return True

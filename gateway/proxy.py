@@ -7,26 +7,46 @@ import logging
 import time
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from gateway.actions import HoldRequest, request_hash
 from gateway.agents import Agent
+from gateway.budgets import Reservation
+from gateway.callbacks import validate_callback_url
 from gateway.canonical import CanonicalRequest, read_request
 from gateway.errors import (
     ActionClosed,
     CosignerError,
     Denied,
     IdempotencyMismatch,
+    InvalidBody,
     InvalidRequest,
     PayloadTooLarge,
+    UnsupportedMediaType,
     UpstreamUnavailable,
 )
+from gateway.facts import for_reviewers
 from gateway.forwarder import FORWARD_REQUEST_HEADERS, Outbound, UpstreamError
-from gateway.keys import ACTIONS, AGENTS, FORWARDER, INFO, POLICY, SETTINGS, STORE
+from gateway.keys import (
+    ACTIONS,
+    AGENTS,
+    BUDGETS,
+    FORWARDER,
+    INFO,
+    LIMITS,
+    POLICY,
+    SETTINGS,
+    STORE,
+)
+from gateway.resolve import Resolution, for_rules
 from gateway.rules import Decision, RuleRequest
 from gateway.store.base import ActionRecord, RequestReceipt
+from gateway.stripe_api import check_api_request
 from gateway.summary import summarize
 from gateway.views import hold_body
+from gateway.waiting import HEADER as WAIT_HEADER
+from gateway.waiting import parse_wait, wait_for_outcome
 
 log = logging.getLogger("cosigner.proxy")
 
@@ -37,6 +57,8 @@ METHOD_OVERRIDE_HEADERS = (
     "X-Method-Override",
     "X-Original-Method",
 )
+# Bodies aiohttp decodes before we read them; any other encoding would be read as it came.
+DECODED_ENCODINGS = frozenset({"identity", "gzip", "deflate"})
 READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_JUSTIFICATION = 2000
 
@@ -59,11 +81,21 @@ async def read_canonical(request: web.Request, max_body: int) -> CanonicalReques
     for header in METHOD_OVERRIDE_HEADERS:
         if header in request.headers:
             raise InvalidRequest(f"The {header} header is not accepted by this gateway.")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in DECODED_ENCODINGS:
+        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not supported.")
     if request.content_length is not None and request.content_length > max_body:
         raise PayloadTooLarge(f"Request body is larger than {max_body} bytes.")
-    body = await request.read() if request.body_exists else b""
+    try:
+        body = await request.read() if request.body_exists else b""
+    except (ConnectionResetError, aiohttp.ClientPayloadError):
+        # SECURITY: a body cut short is unreadable, never "empty" or "what arrived".
+        raise InvalidBody("The request body could not be read completely.") from None
     content_type = request.headers.get("Content-Type") if body else None
-    return read_request(request.method, request.raw_path, content_type, body)
+    req = read_request(request.method, request.raw_path, content_type, body)
+    # SECURITY: what Stripe reads of the request must be what the rules read.
+    check_api_request(req)
+    return req
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -71,23 +103,31 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     agent = await app[AGENTS].resolve(request.headers.get("Authorization"))
-    req = await read_canonical(request, settings.max_body)
     info = request[INFO]
     info.agent = agent.name
+    app[LIMITS].agent(agent.name, write=request.method not in READ_METHODS)
+    req = await read_canonical(request, settings.max_body)
+    info.path = req.path
+    wait = parse_wait(request.headers.get(WAIT_HEADER), settings.max_wait)
     key = request.headers.get("Idempotency-Key")
     if key and req.method not in READ_METHODS and req.method != "DELETE":
         existing = await app[STORE].find_idempotent(agent.name, key)
         if existing is not None:
-            return outcome_response(existing, request_hash(req), settings.base_url)
+            return await _answer(request, existing, req, wait)
 
-    decision = app[POLICY].current.decide(
+    rules = app[POLICY].current
+    # Implicit money (a refund without amount...) is looked up for the rules only.
+    resolved = await for_rules(app[FORWARDER], req, rules, agent.upstream_key, request.headers)
+    decision, reservation = await app[BUDGETS].decide(
+        rules,
         RuleRequest(
             method=req.method,
             path=req.path,
-            params=req.params,
+            params=resolved.params if resolved is not None else req.params,
             agent=agent.name,
             account=request.headers.get("Stripe-Account"),
-        )
+        ),
+        ref=info.request_id,
     )
     info.rule, info.decision = decision.rule, decision.action
     if decision.action == "allow":
@@ -95,7 +135,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if decision.action == "deny":
         await _receipt(request, req, agent, decision, 403)
         raise Denied(decision.message or f"Denied by rule {decision.rule}.", rule=decision.rule)
-    return await _hold(request, req, agent, decision, key)
+    return await _hold(request, req, agent, decision, key, wait, resolved, reservation)
 
 
 async def _allow(
@@ -149,6 +189,9 @@ async def _hold(
     agent: Agent,
     decision: Decision,
     key: str | None,
+    wait: int,
+    resolved: Resolution | None = None,
+    reservation: Reservation | None = None,
 ) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
@@ -158,9 +201,14 @@ async def _hold(
             f"Cosigner-Justification is longer than {MAX_JUSTIFICATION} characters."
         )
     callback = request.headers.get("Cosigner-Callback")
-    if callback is not None and not callback.startswith(("http://", "https://")):
-        raise InvalidRequest("Cosigner-Callback must be an http(s) URL.")
-    context: dict[str, Any] = {}
+    if callback is not None:
+        validate_callback_url(callback, settings)
+    # What reviewers need, read live from Stripe; a failed lookup never fails the hold.
+    context = await for_reviewers(
+        app[FORWARDER], req, agent.upstream_key, request.headers, resolved
+    )
+    if reservation is not None:
+        context["budget"] = reservation.as_context()
     action, _created = await app[ACTIONS].hold(
         HoldRequest(
             request=req,
@@ -178,8 +226,19 @@ async def _hold(
             reviewers=decision.reviewers or settings.reviewer_list,
         )
     )
+    return await _answer(request, action, req, wait)
+
+
+async def _answer(
+    request: web.Request, action: ActionRecord, req: CanonicalRequest, wait: int
+) -> web.Response:
+    """The outcome for this request's action, after waiting up to ``wait`` s for a decision."""
     request[INFO].action_id = action.id
-    return outcome_response(action, request_hash(req), settings.base_url)
+    req_hash = request_hash(req)
+    # A mismatched Idempotency-Key is refused at once, never after a wait.
+    if wait and action.request_hash == req_hash:
+        action = await wait_for_outcome(request.app[ACTIONS], action, wait)
+    return outcome_response(action, req_hash, request.app[SETTINGS].base_url)
 
 
 def outcome_response(action: ActionRecord, req_hash: str, base_url: str) -> web.Response:

@@ -6,9 +6,12 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway.ratelimit import parse_rate
 
 log = logging.getLogger("cosigner")
 
@@ -44,7 +47,18 @@ class Settings(BaseSettings):
     forward_attempts: int = Field(4, ge=1)
     worker_interval: float = Field(1.0, gt=0)
     shutdown_grace: float = Field(20.0, ge=0)
+    mail_retry_delay: float = Field(30.0, gt=0)  # first retry of a reviewer email; doubles
+    mail_attempts: int = Field(8, ge=1)  # then the email is marked failed on the receipt
+    # Seconds between callback attempts (JSON list); one more attempt than delays, then failed.
+    callback_delays: tuple[float, ...] = (30.0, 120.0, 300.0, 600.0, 1200.0, 1800.0)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for collectors
+    rules_watch: float = Field(1.0, ge=0)  # seconds between looks at the rules folder; 0: off
+    # Abuse limits (gateway/ratelimit.py): "N/s", "N/m" or "N/h", optionally "burst B", or "off".
+    rate_limit_reads: str = "100/s burst 200"  # per agent: GET/HEAD (Stripe's live-mode rate)
+    rate_limit_writes: str = "25/s burst 200"  # per agent: every other method
+    rate_limit_pages: str = "60/m burst 60"  # per client address: /review/ and /dashboard/login
+    rate_limit_signin_failures: str = "10/m burst 20"  # per address: 401s on API and dashboard
 
     @field_validator("listen")
     @classmethod
@@ -53,6 +67,21 @@ class Settings(BaseSettings):
         if not sep or not host or not port.isdigit():
             raise ValueError("COSIGNER_LISTEN must be host:port, e.g. 127.0.0.1:8080")
         return value
+
+    @field_validator(
+        "rate_limit_reads", "rate_limit_writes", "rate_limit_pages", "rate_limit_signin_failures"
+    )
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        parse_rate(value)  # raises ValueError with the expected form
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value.upper()
 
     @field_validator("upstream", "public_url")
     @classmethod

@@ -16,6 +16,7 @@ class TaskSet:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
+        self.stopping = asyncio.Event()  # set by drain: background loops end after their step
 
     def spawn(
         self, coro: Coroutine[Any, Any, Any], *, name: str | None = None
@@ -35,11 +36,16 @@ class TaskSet:
         return len(self._tasks)
 
     async def drain(self, grace: float) -> None:
-        """Let running tasks finish for up to ``grace`` seconds, then cancel the rest."""
+        """Stop loops, let running tasks finish for up to ``grace`` seconds, cancel the rest."""
         self.closing = True
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        self.stopping.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # Tasks may spawn follow-ups while finishing (a callback after a forward): wait too.
+        while self._tasks and (remaining := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        pending = set(self._tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import stripe
 
+from tests.support import postgres
 from tests.support.peers import FakeStripeProcess, SmtpSink, Upstream
 
 # ---------------------------------------------------------------------------
@@ -38,3 +40,15 @@ def smtp() -> Iterator[SmtpSink]:
     """A plain SMTP sink on 127.0.0.1 (no AUTH, no TLS) collecting EmailMessage objects."""
     with SmtpSink() as sink:
         yield sink
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (dropped after); skipped if unreachable, except under CI."""
+    reason = postgres.unavailable()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI must run the PostgreSQL tests")
+        pytest.skip(reason)
+    with postgres.fresh_database() as url:
+        yield url

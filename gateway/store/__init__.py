@@ -13,5 +13,7 @@ def store_from_url(url: str, *, clock: Callable[[], float] | None = None) -> Sto
     if url.startswith("sqlite:///"):
         return SqliteStore.from_url(url, clock=clock)
     if url.startswith(("postgresql://", "postgres://")):
-        raise ValueError("PostgreSQL support is not available in this version yet.")
+        from gateway.store.postgres import PostgresStore  # asyncpg only when it is used
+
+        return PostgresStore.from_url(url, clock=clock)
     raise ValueError(f"COSIGNER_DATABASE must start with sqlite:/// or postgresql://, not {url!r}")

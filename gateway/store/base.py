@@ -7,7 +7,7 @@ so two clicks, two reviewers or two replicas can never both win.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -115,6 +115,37 @@ class OutboxItem:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetTally:
+    """What one budget counted in a window: matched requests and the sum of their amounts."""
+
+    count: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStat:
+    """How many outbox items of one kind are in one status (for metrics)."""
+
+    kind: str
+    status: str
+    items: int
+    with_error: int  # of these, how many last failed to deliver
+
+
+@dataclass(frozen=True, slots=True)
+class AgentKeyRecord:
+    """A gateway-issued agent key: only its SHA-256 is kept, never the key itself."""
+
+    name: str  # the agent's name: rules (match.agent), budgets and receipts use it
+    key_hash: str  # SHA-256 hex of the whole key
+    prefix: str  # "cos_", for display
+    last4: str  # for display: cos_…abcd
+    created: int
+    stripe_key_sealed: bytes | None = None  # AES-GCM, purpose "agent-stripe-key", AAD = name
+    revoked_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ActionFilter:
     """Filters for listing actions, newest first."""
 
@@ -216,5 +247,59 @@ class Store(Protocol):
     async def outbox(self, action_id: str) -> list[OutboxItem]:
         """Outbox items of one action."""
 
+    async def budget_usage(
+        self, rule: str, since: float, scope_key: str | None = None
+    ) -> dict[str, BudgetTally]:
+        """A rule's budget entries after ``since``, per scope key (one key, or all when None)."""
+
+    async def reserve_budget(
+        self,
+        rule: str,
+        scope_key: str,
+        since: float,
+        *,
+        count_max: int | None,
+        sum_max: int | None,
+        amount: int,
+        ts: float,
+        ref: str,
+    ) -> tuple[bool, BudgetTally]:
+        """In ONE transaction: tally the window, and record this match only if it still fits.
+
+        Returns whether it was recorded and the tally before it. Exact under
+        concurrency: the recount and the insert are serialised per (rule, scope_key)
+        (SQLite: the writer lock and BEGIN IMMEDIATE; PostgreSQL: an advisory lock).
+        """
+
+    async def count_by_status(self) -> dict[str, int]:
+        """How many actions are in each status (statuses with none may be absent)."""
+
+    async def outbox_stats(self) -> list[OutboxStat]:
+        """Outbox items counted by kind and status."""
+
+    async def create_agent_key(self, key: AgentKeyRecord) -> bool:
+        """Add a key; a revoked key of the same name is replaced. False if one is active."""
+
+    async def agent_key_by_hash(self, key_hash: str) -> AgentKeyRecord | None:
+        """The key (active or revoked) with this SHA-256 hex, if any."""
+
+    async def list_agent_keys(self) -> list[AgentKeyRecord]:
+        """Every agent key, by name."""
+
+    async def revoke_agent_key(self, name: str, when: int) -> bool:
+        """Mark an active key revoked; False if there is no active key of that name."""
+
+    async def set_agent_stripe_key(self, name: str, sealed: bytes | None) -> bool:
+        """Replace a key's sealed Stripe key (re-sealing after a secret-key rotation)."""
+
     async def ping(self) -> None:
         """Raise if the store is unreachable."""
+
+    async def subscribe(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(action_id)`` whenever another process changes an action's status.
+
+        The seam for replicas: ``ActionService`` wakes this process's waiters
+        itself; a store shared by several processes (PostgreSQL LISTEN/NOTIFY)
+        also reports the changes the others made. Call after ``open``. A store
+        only one process writes to (SQLite) makes this a no-op.
+        """

@@ -22,9 +22,12 @@ import aiosqlite
 from gateway.store.base import (
     ActionFilter,
     ActionRecord,
+    AgentKeyRecord,
+    BudgetTally,
     DecisionRecord,
     EventRecord,
     OutboxItem,
+    OutboxStat,
     RequestReceipt,
 )
 
@@ -71,6 +74,14 @@ def _outbox(row: Sequence[Any]) -> OutboxItem:
 
 
 _OUTBOX_COLUMNS = "id, kind, action_id, payload, attempts, next_attempt_at, status, last_error"
+_AGENT_KEY_COLUMNS = "name, key_hash, prefix, last4, created, stripe_key_sealed, revoked_at"
+
+
+def _agent_key(row: Sequence[Any]) -> AgentKeyRecord:
+    name, key_hash, prefix, last4, created, sealed, revoked_at = row
+    return AgentKeyRecord(
+        name, key_hash, prefix, last4, created, bytes(sealed) if sealed else None, revoked_at
+    )
 
 
 def migrations(dialect: str) -> list[tuple[int, str]]:
@@ -213,6 +224,8 @@ class SqliteStore:
             "PRAGMA synchronous=FULL",
             "PRAGMA busy_timeout=10000",
             "PRAGMA foreign_keys=ON",
+            # SECURITY: erased credentials (even sealed) are zeroed on disk, not left in free pages.
+            "PRAGMA secure_delete=ON",
         ):
             await self._writer.execute(pragma)
         await self._migrate()
@@ -264,16 +277,16 @@ class SqliteStore:
             await self._w.execute(sql, args)
 
     async def get_action(self, action_id: str) -> ActionRecord | None:
-        async with self._r.execute(_ACTION_SELECT + " WHERE id = ?", (action_id,)) as cur:
-            row = await cur.fetchone()
-        return _action(row) if row else None
+        # One call (execute + fetch + close): on the shared reader, an open cursor interleaved
+        # with other reads keeps a read transaction, and its snapshot, alive -- stale status.
+        rows = await self._r.execute_fetchall(_ACTION_SELECT + " WHERE id = ?", (action_id,))
+        return _action(next(iter(rows))) if rows else None
 
     async def find_idempotent(self, agent: str, key: str) -> ActionRecord | None:
-        async with self._r.execute(
+        rows = await self._r.execute_fetchall(
             _ACTION_SELECT + " WHERE agent = ? AND idempotency_key = ?", (agent, key)
-        ) as cur:
-            row = await cur.fetchone()
-        return _action(row) if row else None
+        )
+        return _action(next(iter(rows))) if rows else None
 
     async def find_joinable(self, agent: str, join_key: str) -> ActionRecord | None:
         async with self._r.execute(
@@ -393,9 +406,112 @@ class SqliteStore:
         ) as cur:
             return [_outbox(r) for r in await cur.fetchall()]
 
+    async def budget_usage(
+        self, rule: str, since: float, scope_key: str | None = None
+    ) -> dict[str, BudgetTally]:
+        sql = (
+            "SELECT scope_key, COUNT(*), COALESCE(SUM(amount), 0) FROM budget_entries"
+            " WHERE rule = ? AND ts > ?"
+        )
+        args: list[Any] = [rule, since]
+        if scope_key is not None:
+            sql += " AND scope_key = ?"
+            args.append(scope_key)
+        async with self._r.execute(sql + " GROUP BY scope_key", args) as cur:
+            return {key: BudgetTally(count, total) for key, count, total in await cur.fetchall()}
+
+    async def reserve_budget(
+        self,
+        rule: str,
+        scope_key: str,
+        since: float,
+        *,
+        count_max: int | None,
+        sum_max: int | None,
+        amount: int,
+        ts: float,
+        ref: str,
+    ) -> tuple[bool, BudgetTally]:
+        # The writer lock plus BEGIN IMMEDIATE serialise this recount-and-insert against
+        # every other writer, in this process and in any other on the same file.
+        async with self.transaction():
+            async with self._w.execute(
+                "SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM budget_entries"
+                " WHERE rule = ? AND scope_key = ? AND ts > ?",
+                (rule, scope_key, since),
+            ) as cur:
+                row = await cur.fetchone()
+            tally = BudgetTally(*row) if row else BudgetTally()
+            if (count_max is not None and tally.count + 1 > count_max) or (
+                sum_max is not None and tally.total + amount > sum_max
+            ):
+                return False, tally
+            await self._w.execute(
+                "INSERT INTO budget_entries (rule, scope_key, ts, amount, ref)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (rule, scope_key, ts, amount, ref),
+            )
+        return True, tally
+
+    async def count_by_status(self) -> dict[str, int]:
+        async with self._r.execute("SELECT status, COUNT(*) FROM actions GROUP BY status") as cur:
+            return {status: count for status, count in await cur.fetchall()}
+
+    async def outbox_stats(self) -> list[OutboxStat]:
+        async with self._r.execute(
+            "SELECT kind, status, COUNT(*), COUNT(last_error) FROM outbox GROUP BY kind, status"
+        ) as cur:
+            return [OutboxStat(*row) for row in await cur.fetchall()]
+
+    async def create_agent_key(self, key: AgentKeyRecord) -> bool:
+        # A revoked key's name may be issued again; an active one may not.
+        changed = await self._changed_rows(
+            "INSERT INTO agent_keys (name, key_hash, prefix, last4, stripe_key_sealed, created,"
+            " revoked_at) VALUES (?, ?, ?, ?, ?, ?, NULL)"
+            " ON CONFLICT (name) DO UPDATE SET key_hash = excluded.key_hash,"
+            " prefix = excluded.prefix, last4 = excluded.last4,"
+            " stripe_key_sealed = excluded.stripe_key_sealed, created = excluded.created,"
+            " revoked_at = NULL WHERE agent_keys.revoked_at IS NOT NULL",
+            (key.name, key.key_hash, key.prefix, key.last4, key.stripe_key_sealed, key.created),
+        )
+        return changed == 1
+
+    async def agent_key_by_hash(self, key_hash: str) -> AgentKeyRecord | None:
+        async with self._r.execute(
+            f"SELECT {_AGENT_KEY_COLUMNS} FROM agent_keys WHERE key_hash = ?", (key_hash,)
+        ) as cur:
+            row = await cur.fetchone()
+        return _agent_key(row) if row else None
+
+    async def list_agent_keys(self) -> list[AgentKeyRecord]:
+        async with self._r.execute(
+            f"SELECT {_AGENT_KEY_COLUMNS} FROM agent_keys ORDER BY name"
+        ) as cur:
+            return [_agent_key(r) for r in await cur.fetchall()]
+
+    async def revoke_agent_key(self, name: str, when: int) -> bool:
+        changed = await self._changed_rows(
+            "UPDATE agent_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            (when, name),
+        )
+        return changed == 1
+
+    async def set_agent_stripe_key(self, name: str, sealed: bytes | None) -> bool:
+        changed = await self._changed_rows(
+            "UPDATE agent_keys SET stripe_key_sealed = ? WHERE name = ?", (sealed, name)
+        )
+        return changed == 1
+
+    async def _changed_rows(self, sql: str, args: Sequence[Any]) -> int:
+        async with self.transaction(), self._w.execute(sql, args) as cur:
+            return cur.rowcount
+
     async def ping(self) -> None:
         async with self._r.execute("SELECT 1") as cur:
             await cur.fetchone()
+
+    async def subscribe(self, callback: Callable[[str], None]) -> None:
+        """No-op: one process writes this file, and it wakes its own waiters."""
 
 
 def _statements(script: str) -> list[str]:

@@ -430,6 +430,7 @@ def _observe(state: State) -> Any:
             "time": time.time(),
             "method": request.method,
             "path": request.path,
+            "target": request.raw_path,  # exactly as sent: path and query, still encoded
             "query": ls_server.unflatten_data(request.query),
             "params": {},
             "body": "",

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,8 +35,9 @@ SECRET_KEY = "secret-key-for-tests-0123456789abcdef"
 class GatewayThread:
     """A gateway app served from a background thread on 127.0.0.1."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] | None = None) -> None:
         self.settings = settings
+        self.clock = clock
         self.url = f"http://{settings.listen}"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -53,7 +54,10 @@ class GatewayThread:
         self._thread.start()
 
         async def _start() -> None:
-            self.app = create_app(self.settings)
+            if self.clock is not None:
+                self.app = create_app(self.settings, clock=self.clock)
+            else:
+                self.app = create_app(self.settings)
             self._runner = web.AppRunner(self.app, access_log=None)
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
@@ -120,9 +124,11 @@ def settings_for(
 
 
 @contextmanager
-def gateway_thread(settings: Settings) -> Iterator[GatewayThread]:
-    """A started GatewayThread, always stopped."""
-    gw = GatewayThread(settings).start()
+def gateway_thread(
+    settings: Settings, clock: Callable[[], float] | None = None
+) -> Iterator[GatewayThread]:
+    """A started GatewayThread (with an injected clock, if given), always stopped."""
+    gw = GatewayThread(settings, clock).start()
     try:
         yield gw
     finally:

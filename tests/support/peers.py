@@ -257,7 +257,7 @@ class Upstream:
         include_setup: bool = False,
     ) -> list[dict[str, Any]]:
         """What the upstream received, oldest first: dicts with method, path,
-        query, params, body, headers (no Authorization), idempotency_key,
+        target (raw path and query as sent), query, params, body, headers (no Authorization), idempotency_key,
         stripe_account, api_key (fingerprint `sk_test_…6789`), api_key_last4,
         status (None if dropped), fault, replayed, handled, setup, time,
         duration, request_id, seq."""
@@ -591,7 +591,8 @@ class SmtpSink:
     Options: ``username``/``password`` (AUTH PLAIN/LOGIN offered without TLS,
     and required before MAIL), ``starttls`` (self-signed certificate made at
     start; STARTTLS required unless ``require_starttls=False``),
-    ``implicit_tls`` (SMTPS). ``cert_path`` / ``cert_pem`` let clients trust it.
+    ``implicit_tls`` (SMTPS), ``port`` (default: a free one). ``cert_path`` /
+    ``cert_pem`` let clients trust it.
     """
 
     def __init__(
@@ -603,6 +604,7 @@ class SmtpSink:
         require_starttls: bool | None = None,
         implicit_tls: bool = False,
         ready_timeout: float = 10.0,
+        port: int | None = None,
     ) -> None:
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
@@ -615,6 +617,7 @@ class SmtpSink:
         self.implicit_tls = implicit_tls
         self.ready_timeout = ready_timeout
         self.host = LOOPBACK
+        self._requested_port = port  # e.g. a mail server coming back where it was
         self.port: int | None = None
         self.cert: SelfSignedCert | None = None
         self.cert_path: str | None = None
@@ -631,14 +634,14 @@ class SmtpSink:
         try:
             tls = self._server_tls_context() if (self.starttls or self.implicit_tls) else None
             for attempt in range(3):
-                port = free_port()
+                port = self._requested_port or free_port()
                 controller = self._make_controller(port, tls)
                 try:
                     controller.start()
                 except OSError as exc:
                     with contextlib.suppress(Exception):
                         controller.stop(no_assert=True)
-                    if _port_in_use_error(exc) and attempt < 2:
+                    if _port_in_use_error(exc) and attempt < 2 and not self._requested_port:
                         continue
                     raise
                 self._controller, self.port = controller, port

@@ -1,0 +1,136 @@
+"""The benchmark's own pieces (no load, no timing): its rules, its baseline proxy, its parsing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from gateway.canonical import read_request
+from gateway.rules import RuleRequest, check_rules, load_rules
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _module(name: str) -> ModuleType:
+    """Load bench/<name>.py the way `python bench/run.py` sees it (bench/ on sys.path)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run() -> ModuleType:
+    return _module("run")
+
+
+def test_bench_rules_are_valid() -> None:
+    assert check_rules(BENCH / "rules") == []
+
+
+@pytest.mark.parametrize(
+    ("call", "action", "rule"),
+    [
+        ("GET", "allow", None),
+        ("ALLOWED", "allow", "bench-allowed-refunds"),
+        ("HELD", "hold", "bench-held-refunds"),
+    ],
+)
+def test_each_scenario_takes_the_path_it_measures(
+    run: ModuleType, call: str, action: str, rule: str | None
+) -> None:
+    c = getattr(run, call)
+    content_type = c.headers.get("Content-Type") if c.body else None
+    req = read_request(c.method, c.path, content_type, c.body.encode())
+    decision = load_rules(BENCH / "rules").decide(
+        RuleRequest(method=req.method, path=req.path, params=req.params, agent="bench")
+    )
+    assert decision.action == action
+    if rule is not None:
+        assert decision.rule == rule
+
+
+async def test_bare_proxy_forwards_request_and_answer(
+    aiohttp_server: Any, aiohttp_client: Any
+) -> None:
+    bare = _module("bare_proxy")
+    seen: list[dict[str, object]] = []
+
+    async def upstream_handler(request: web.Request) -> web.Response:
+        seen.append(
+            {
+                "method": request.method,
+                "path_qs": request.raw_path,
+                "body": (await request.read()).decode(),
+                "authorization": request.headers.get("Authorization"),
+                "proxy_authorization": request.headers.get("Proxy-Authorization"),
+            }
+        )
+        return web.Response(
+            status=201,
+            text='{"id":"re_1"}',
+            content_type="application/json",
+            headers={"Request-Id": "req_up", "Connection": "keep-alive"},
+        )
+
+    upstream_app = web.Application()
+    upstream_app.router.add_route("*", "/{tail:.*}", upstream_handler)
+    upstream = await aiohttp_server(upstream_app)
+    client = await aiohttp_client(bare.build_app(str(upstream.make_url("")).rstrip("/")))
+
+    resp = await client.post(
+        "/v1/refunds?expand%5B%5D=charge",
+        data="charge=ch_1&amount=100",
+        headers={
+            "Authorization": "Bearer sk_test_x",
+            "Proxy-Authorization": "Basic secret",
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+    )
+
+    assert resp.status == 201
+    assert json.loads(await resp.text()) == {"id": "re_1"}
+    assert resp.headers["Request-Id"] == "req_up"
+    assert seen == [
+        {
+            "method": "POST",
+            "path_qs": "/v1/refunds?expand%5B%5D=charge",
+            "body": "charge=ch_1&amount=100",
+            "authorization": "Bearer sk_test_x",
+            "proxy_authorization": None,  # hop-by-hop: not forwarded
+        }
+    ]
+
+
+def test_result_counts_only_successful_answers_as_throughput() -> None:
+    load = _module("load")
+    line = (
+        'BENCH_RESULT {"requests":1000,"duration_us":2000000,"connect":0,"read":1,"write":0,'
+        '"status":200,"timeout":0,"p50":250.0,"p90":900.0,"p99":4000.0,"max":9000.0}'
+    )
+    result = load.Result.parse("Running 2s test\n" + line + "\n")
+    assert result.rps == 400.0  # (1000 - 200 answered 4xx/5xx) / 2 s
+    assert result.errors == 201
+    assert (result.p50_ms, result.p99_ms) == (0.25, 4.0)
+
+
+def test_lua_strings_survive_any_body() -> None:
+    load = _module("load")
+    tricky = "a]]b]=]c\"'\\n"
+    literal = load._lua_string(tricky)
+    level = literal.index("[", 1)  # "[==[" -> opening bracket pair encloses the '=' run
+    eq = literal[1:level]
+    assert set(eq) <= {"="}
+    assert literal == f"[{eq}[{tricky}]{eq}]"
+    assert f"]{eq}]" not in tricky

@@ -1,0 +1,649 @@
+"""Every Store method, on both backends: SQLite (a temp file) and PostgreSQL (a fresh database).
+
+Races use two store instances on the same database — two replicas (or two
+processes on one SQLite file) — so the guarantees hold across processes, not
+just across coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.store import store_from_url
+from gateway.store.base import (
+    ActionFilter,
+    ActionRecord,
+    AgentKeyRecord,
+    DecisionRecord,
+    EventRecord,
+    RequestReceipt,
+    Store,
+)
+
+
+class Clock:
+    """A settable clock for the store's own timestamps."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def store(store_url: str, clock: Clock) -> AsyncIterator[Store]:
+    s = store_from_url(store_url, clock=clock)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def replica(store: Store, store_url: str, clock: Clock) -> AsyncIterator[Store]:
+    """A second store on the same database (opened after the first: migrations are done)."""
+    s = store_from_url(store_url, clock=clock)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+_seq = 0
+
+
+def action(**overrides: Any) -> ActionRecord:
+    """A held refund with every column filled in; ids sort in creation order."""
+    global _seq
+    _seq += 1
+    values: dict[str, Any] = {
+        "id": f"act_{_seq:06d}",
+        "status": "awaiting_approval",
+        "created": 1_700_000_000 + _seq,
+        "updated": 1_700_000_000.5 + _seq,
+        "expires_at": 1_700_086_400,
+        "agent": "sk_test_…6789",
+        "credential_id": "cred_1",
+        "method": "POST",
+        "path": "/v1/refunds",
+        "query": "",
+        "content_type": "application/x-www-form-urlencoded",
+        "body": b"charge=ch_1&amount=4999",
+        "request_hash": "h" * 64,
+        "params": {"charge": "ch_1", "amount": "4999"},
+        "headers": {"Stripe-Version": "2024-06-20"},
+        "summary": "Refund $49.99 USD of charge ch_1",
+        "rule": "refunds",
+        "reason": "matched rule refunds",
+        "approvals_required": 1,
+        "reviewers": ["billing@example.com"],
+        "editable": ["amount"],
+    }
+    values.update(overrides)
+    return ActionRecord(**values)
+
+
+async def insert(store: Store, record: ActionRecord) -> ActionRecord:
+    async with store.transaction() as tx:
+        return await tx.insert_action(record)
+
+
+# -- actions ------------------------------------------------------------------------------
+
+
+async def test_every_field_round_trips(store: Store) -> None:
+    record = action(
+        query="expand[]=charge",
+        body=bytes(range(256)),  # any bytes, not just text
+        # Key order is kept: reviewers see parameters in the order the agent sent them.
+        params={"zeta": "1", "amount": "4999", "metadata": {"b": "2", "a": ["x", {"y": None}]}},
+        headers={"Stripe-Account": "acct_1", "Stripe-Version": "2024-06-20"},
+        idempotency_key="key-1",
+        account="acct_1",
+        justification="Customer asked — «twice»",
+        callback_url="http://127.0.0.1:9/cb",
+        credential_sealed=b"\x00sealed\xff",
+        context={"amount_refundable": 4999, "currency": "usd"},
+        modified_params={"amount": "100"},
+        response_code=200,
+        response_body='{"id": "re_1"}',
+        response_headers={"Request-Id": "req_1"},
+        last_error="upstream answered 503",
+        attempts=2,
+        completed_at=1_700_000_100,
+        lease_until=1_700_000_050.25,
+    )
+    assert await insert(store, record) == record
+    stored = await store.get_action(record.id)
+    assert stored == record
+    assert stored is not None and list(stored.params) == ["zeta", "amount", "metadata"]
+    async with store.transaction() as tx:
+        assert await tx.get_action(record.id) == record
+        assert await tx.get_action("act_missing") is None
+    assert await store.get_action("act_missing") is None
+    minimal = action()
+    await insert(store, minimal)
+    assert await store.get_action(minimal.id) == minimal
+
+
+async def test_text_with_nul_is_stored_not_refused(store: Store) -> None:
+    """Values may carry %00; PostgreSQL text cannot, so it keeps U+FFFD in its place."""
+    record = await insert(store, action(justification="a\x00b", params={"reason": "a\x00b"}))
+    async with store.transaction() as tx:
+        assert await tx.update_action(record.id, ("awaiting_approval",), {"last_error": "x\x00"})
+        assert await tx.insert_decision(
+            DecisionRecord(record.id, "r@example.com", "reject", "n\x00", "api", 1)
+        )
+    stored = await store.get_action(record.id)
+    assert stored is not None
+    assert stored.justification in ("a\x00b", "a\ufffdb")
+    assert stored.last_error in ("x\x00", "x\ufffd")
+    assert stored.params == {"reason": "a\x00b"}  # JSON escapes it: kept exactly
+    (decision,) = await store.decisions(record.id)
+    assert decision.note in ("n\x00", "n\ufffd")
+
+
+async def test_idempotency_key_collision_returns_the_first_action(store: Store) -> None:
+    first = await insert(store, action(idempotency_key="k1"))
+    again = await insert(store, action(idempotency_key="k1", summary="second"))
+    assert again.id == first.id and again.summary == first.summary
+    other_agent = await insert(store, action(idempotency_key="k1", agent="cos_other"))
+    assert other_agent.id != first.id
+    assert (await store.find_idempotent(first.agent, "k1")) == first
+    assert await store.find_idempotent(first.agent, "k2") is None
+    assert (await store.find_idempotent("cos_other", "k1")) == other_agent
+
+
+async def test_join_key_collision_joins_until_the_key_is_cleared(store: Store) -> None:
+    first = await insert(store, action(method="DELETE", join_key="j1"))
+    joined = await insert(store, action(method="DELETE", join_key="j1"))
+    assert joined.id == first.id
+    assert (await store.find_joinable(first.agent, "j1")) == first
+    async with store.transaction() as tx:
+        assert await tx.update_action(
+            first.id, ("awaiting_approval",), {"status": "rejected", "join_key": None}
+        )
+    assert await store.find_joinable(first.agent, "j1") is None
+    fresh = await insert(store, action(method="DELETE", join_key="j1"))
+    assert fresh.id != first.id
+
+
+async def test_concurrent_inserts_with_one_key_make_one_action(
+    store: Store, replica: Store
+) -> None:
+    records = [action(idempotency_key="race") for _ in range(10)]
+    results = await asyncio.gather(
+        *(insert(store if i % 2 else replica, r) for i, r in enumerate(records))
+    )
+    assert len({r.id for r in results}) == 1
+    page, _ = await store.list_actions(ActionFilter(limit=50))
+    assert len(page) == 1
+
+
+async def test_update_is_conditional_on_status(store: Store) -> None:
+    record = await insert(store, action())
+    async with store.transaction() as tx:
+        assert not await tx.update_action(record.id, ("pending",), {"status": "completed"})
+        assert not await tx.update_action("act_missing", ("awaiting_approval",), {"attempts": 1})
+        assert await tx.update_action(
+            record.id,
+            ("awaiting_approval", "pending"),
+            {"status": "pending", "modified_params": {"amount": "10"}, "lease_until": 5.5},
+        )
+    stored = await store.get_action(record.id)
+    assert stored is not None
+    assert (stored.status, stored.modified_params, stored.lease_until) == (
+        "pending",
+        {"amount": "10"},
+        5.5,
+    )
+
+
+async def test_a_failed_transaction_changes_nothing(store: Store) -> None:
+    record = await insert(store, action())
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            await tx.update_action(record.id, ("awaiting_approval",), {"status": "pending"})
+            await tx.add_event(EventRecord(record.id, 1.0, "pending", {}))
+            await tx.enqueue("mail", record.id, {"to": "a@example.com"})
+            raise RuntimeError("boom")
+    assert (await store.get_action(record.id)) == record
+    assert await store.events(record.id) == []
+    assert await store.outbox(record.id) == []
+
+
+async def test_racing_read_check_update_has_one_winner(store: Store, replica: Store) -> None:
+    record = await insert(store, action())
+
+    async def approve(s: Store, to: str) -> bool:
+        async with s.transaction() as tx:
+            current = await tx.get_action(record.id)
+            assert current is not None
+            if current.status != "awaiting_approval":
+                return False
+            await asyncio.sleep(0.1)  # both would read "awaiting_approval" without the lock
+            return await tx.update_action(record.id, ("awaiting_approval",), {"status": to})
+
+    results = await asyncio.gather(approve(store, "pending"), approve(replica, "rejected"))
+    assert sorted(results) == [False, True]
+    stored = await store.get_action(record.id)
+    assert stored is not None
+    assert stored.status == ("pending" if results[0] else "rejected")
+
+
+async def test_racing_quorum_decisions_see_each_other(store: Store, replica: Store) -> None:
+    """Two reviewers of a two-approval action decide at once: the second sees the first."""
+    record = await insert(store, action(approvals_required=2))
+
+    async def approve(s: Store, reviewer: str) -> bool:
+        async with s.transaction() as tx:
+            current = await tx.get_action(record.id)  # locks: the deciders take turns
+            assert current is not None and current.status == "awaiting_approval"
+            await tx.insert_decision(
+                DecisionRecord(record.id, reviewer, "approve", None, "api", 1, None)
+            )
+            await asyncio.sleep(0.1)
+            if len(await tx.decisions(record.id)) < current.approvals_required:
+                return False
+            return await tx.update_action(record.id, ("awaiting_approval",), {"status": "pending"})
+
+    results = await asyncio.gather(approve(store, "a@x.com"), approve(replica, "b@x.com"))
+    assert sorted(results) == [False, True]
+    stored = await store.get_action(record.id)
+    assert stored is not None and stored.status == "pending"
+
+
+async def test_blind_conditional_updates_have_one_winner(store: Store, replica: Store) -> None:
+    record = await insert(store, action())
+
+    async def move(s: Store) -> bool:
+        async with s.transaction() as tx:
+            return await tx.update_action(record.id, ("awaiting_approval",), {"status": "pending"})
+
+    results = await asyncio.gather(*(move(store if i % 2 else replica) for i in range(8)))
+    assert results.count(True) == 1
+
+
+# -- decisions and events -----------------------------------------------------------------
+
+
+async def test_one_decision_per_reviewer_oldest_first(store: Store) -> None:
+    record = await insert(store, action(approvals_required=2))
+    first = DecisionRecord(record.id, "a@example.com", "approve", "ok", "api", 10, None)
+    second = DecisionRecord(record.id, "b@example.com", "reject", None, "email", 10, {"x": "1"})
+    async with store.transaction() as tx:
+        assert await tx.insert_decision(first)
+        assert not await tx.insert_decision(dataclasses.replace(first, decision="reject"))
+        assert await tx.insert_decision(second)
+        assert await tx.decisions(record.id) == [first, second]
+    assert await store.decisions(record.id) == [first, second]
+    assert await store.decisions("act_missing") == []
+
+
+async def test_events_keep_their_order_and_data(store: Store) -> None:
+    record = await insert(store, action())
+    async with store.transaction() as tx:
+        await tx.add_event(EventRecord(record.id, 3.0, "held", {"rule": "refunds"}))
+        await tx.add_event(EventRecord(record.id, 2.0, "decision", {"note": None, "n": [1, 2]}))
+    await store.add_event(EventRecord(record.id, 1.5, "forward_attempt", {"latency_ms": 12.5}))
+    await store.add_event(EventRecord("act_other", 1.0, "held", {}))
+    events = await store.events(record.id)
+    assert [(e.kind, e.ts, e.data) for e in events] == [
+        ("held", 3.0, {"rule": "refunds"}),
+        ("decision", 2.0, {"note": None, "n": [1, 2]}),
+        ("forward_attempt", 1.5, {"latency_ms": 12.5}),
+    ]
+
+
+# -- listing and workers' queries ---------------------------------------------------------
+
+
+async def test_list_pages_newest_first_with_filters(store: Store) -> None:
+    made = []
+    for i in range(7):
+        made.append(
+            await insert(
+                store,
+                action(
+                    created=1000 + i // 2,  # ties on created are broken by id
+                    status="pending" if i % 3 == 0 else "awaiting_approval",
+                    agent="agent_a" if i % 2 else "agent_b",
+                    rule="payouts" if i == 4 else "refunds",
+                ),
+            )
+        )
+    newest_first = sorted(made, key=lambda a: (a.created, a.id), reverse=True)
+    seen: list[str] = []
+    after = None
+    while True:
+        page, more = await store.list_actions(ActionFilter(limit=3, starting_after=after))
+        seen += [a.id for a in page]
+        if not more:
+            break
+        after = page[-1].id
+    assert seen == [a.id for a in newest_first]
+    pending, more = await store.list_actions(ActionFilter(status="pending", limit=10))
+    assert [a.id for a in pending] == [a.id for a in newest_first if a.status == "pending"]
+    assert not more
+    by_agent, _ = await store.list_actions(ActionFilter(agent="agent_a", rule="refunds"))
+    assert [a.id for a in by_agent] == [
+        a.id for a in newest_first if a.agent == "agent_a" and a.rule == "refunds"
+    ]
+    exact, more = await store.list_actions(ActionFilter(limit=7))
+    assert len(exact) == 7 and not more
+    assert await store.list_actions(ActionFilter(starting_after="act_missing")) == ([], False)
+
+
+async def test_due_expiries_are_undecided_actions_past_their_time(store: Store) -> None:
+    due = await insert(store, action(expires_at=100))
+    await insert(store, action(expires_at=100, status="rejected"))
+    await insert(store, action(expires_at=200))
+    assert await store.due_expiries(150.5, 10) == [due.id]
+    assert len(await store.due_expiries(200.0, 10)) == 2
+    assert len(await store.due_expiries(200.0, 1)) == 1
+
+
+async def test_claimable_forwards_skip_live_leases(store: Store) -> None:
+    free = await insert(store, action(status="pending", updated=3.0))
+    lapsed = await insert(store, action(status="pending", updated=1.0, lease_until=50.0))
+    await insert(store, action(status="pending", updated=2.0, lease_until=150.0))
+    await insert(store, action(status="completed"))
+    await insert(store, action(status="awaiting_approval"))
+    assert await store.claimable_forwards(100.0, 10) == [lapsed.id, free.id]
+    assert await store.claimable_forwards(100.0, 1) == [lapsed.id]
+    assert len(await store.claimable_forwards(151.0, 10)) == 3
+
+
+# -- receipts -----------------------------------------------------------------------------
+
+
+async def test_request_receipts_newest_first(store: Store) -> None:
+    receipts = [
+        RequestReceipt(f"req_{i}", 10.0 + i, "agent", "GET", "/v1/charges", "r", "allow", 200, 1.5)
+        for i in range(4)
+    ]
+    receipts.append(
+        RequestReceipt("req_x", 5.0, "a", "POST", "/v1/refunds", "r", "hold", 202, 2.0, "act_1")
+    )
+    for receipt in receipts:
+        await store.record_request(receipt)
+    assert await store.requests(3) == receipts[3::-1][:3]
+    assert (await store.requests(10))[-1] == receipts[-1]
+
+
+# -- outbox -------------------------------------------------------------------------------
+
+
+async def test_outbox_claims_lease_and_finish(store: Store, clock: Clock) -> None:
+    record = await insert(store, action())
+    clock.now = 100.0
+    async with store.transaction() as tx:
+        await tx.enqueue("mail", record.id, {"to": "a@example.com"})
+        await tx.enqueue("mail", record.id, {"to": "b@example.com"})
+        await tx.enqueue("callback", record.id, {"url": "http://127.0.0.1:9/"})
+    assert await store.claim_outbox("mail", 99.0, 30, 10) == []  # not due yet
+    claimed = await store.claim_outbox("mail", 100.0, 30, 10)
+    assert [i.payload for i in claimed] == [{"to": "a@example.com"}, {"to": "b@example.com"}]
+    assert {(i.kind, i.status, i.attempts, i.action_id) for i in claimed} == {
+        ("mail", "pending", 0, record.id)
+    }
+    assert await store.claim_outbox("mail", 110.0, 30, 10) == []  # leased
+    a, b = claimed
+    await store.finish_outbox(a.id, status="sent", attempts=1, next_attempt_at=110, last_error=None)
+    await store.finish_outbox(
+        b.id, status="pending", attempts=1, next_attempt_at=200, last_error="421 try later"
+    )
+    assert await store.claim_outbox("mail", 150.0, 30, 10) == []  # b retries at 200
+    again = await store.claim_outbox("mail", 200.0, 30, 10)
+    assert [(i.id, i.attempts, i.last_error) for i in again] == [(b.id, 1, "421 try later")]
+    # A lease that ran out (the sender died) makes the item claimable again.
+    assert [i.id for i in await store.claim_outbox("mail", 231.0, 30, 10)] == [b.id]
+    callbacks = await store.claim_outbox("callback", 300.0, 30, 10)
+    assert [i.payload for i in callbacks] == [{"url": "http://127.0.0.1:9/"}]
+    items = await store.outbox(record.id)
+    assert [(i.kind, i.status) for i in items] == [
+        ("mail", "sent"),
+        ("mail", "pending"),
+        ("callback", "pending"),
+    ]
+    assert await store.outbox("act_missing") == []
+
+
+async def test_concurrent_claimers_never_share_an_item(
+    store: Store, replica: Store, clock: Clock
+) -> None:
+    record = await insert(store, action())
+    clock.now = 1.0
+    async with store.transaction() as tx:
+        for n in range(40):
+            await tx.enqueue("mail", record.id, {"n": n})
+
+    async def claim(s: Store) -> list[int]:
+        got: list[int] = []
+        for _ in range(6):
+            got += [i.id for i in await s.claim_outbox("mail", 10.0, 60, 4)]
+            await asyncio.sleep(0)
+        return got
+
+    results = await asyncio.gather(claim(store), claim(replica), claim(store), claim(replica))
+    everything = [i for r in results for i in r]
+    assert len(everything) == len(set(everything)) == 40
+
+
+async def test_counts_for_metrics(store: Store) -> None:
+    a = await insert(store, action())
+    await insert(store, action())
+    await insert(store, action(status="completed"))
+    async with store.transaction() as tx:
+        await tx.enqueue("mail", a.id, {"to": "x@example.com"})
+        await tx.enqueue("mail", a.id, {"to": "y@example.com"})
+        await tx.enqueue("callback", a.id, {"url": "http://127.0.0.1:9/"})
+    assert await store.count_by_status() == {"awaiting_approval": 2, "completed": 1}
+    (item, *_) = await store.claim_outbox("mail", 1e12, 30, 1)
+    await store.finish_outbox(
+        item.id, status="failed", attempts=5, next_attempt_at=0, last_error="x"
+    )
+    stats = {(s.kind, s.status): (s.items, s.with_error) for s in await store.outbox_stats()}
+    assert stats == {
+        ("mail", "failed"): (1, 1),
+        ("mail", "pending"): (1, 0),
+        ("callback", "pending"): (1, 0),
+    }
+
+
+# -- agent keys ---------------------------------------------------------------------------
+
+
+async def test_agent_keys_create_revoke_reissue(store: Store) -> None:
+    key = AgentKeyRecord("billing-bot", "a" * 64, "cos_", "abcd", 100, b"\x00sealed")
+    assert await store.create_agent_key(key)
+    assert not await store.create_agent_key(dataclasses.replace(key, key_hash="b" * 64))
+    assert await store.agent_key_by_hash("a" * 64) == key
+    assert await store.agent_key_by_hash("b" * 64) is None
+    other = AgentKeyRecord("Zed", "c" * 64, "cos_", "wxyz", 101)
+    assert await store.create_agent_key(other)
+    assert [k.name for k in await store.list_agent_keys()] == ["Zed", "billing-bot"]  # bytewise
+    assert await store.revoke_agent_key("billing-bot", 200)
+    assert not await store.revoke_agent_key("billing-bot", 201)
+    assert not await store.revoke_agent_key("nobody", 201)
+    revoked = await store.agent_key_by_hash("a" * 64)
+    assert revoked is not None and revoked.revoked_at == 200
+    reissued = dataclasses.replace(key, key_hash="d" * 64, created=300, stripe_key_sealed=None)
+    assert await store.create_agent_key(reissued)  # a revoked name may be issued again
+    assert await store.agent_key_by_hash("a" * 64) is None
+    assert await store.agent_key_by_hash("d" * 64) == reissued
+    assert await store.set_agent_stripe_key("Zed", b"resealed")
+    assert not await store.set_agent_stripe_key("nobody", b"x")
+    zed = await store.agent_key_by_hash("c" * 64)
+    assert zed is not None and zed.stripe_key_sealed == b"resealed"
+
+
+# -- budgets ------------------------------------------------------------------------------
+
+
+async def test_budget_reservations_count_the_window(store: Store) -> None:
+    ok, tally = await store.reserve_budget(
+        "small", "agent:a", 0.0, count_max=2, sum_max=None, amount=500, ts=10.0, ref="r1"
+    )
+    assert ok and (tally.count, tally.total) == (0, 0)
+    ok, tally = await store.reserve_budget(
+        "small", "agent:a", 0.0, count_max=2, sum_max=1000, amount=600, ts=11.0, ref="r2"
+    )
+    assert not ok and (tally.count, tally.total) == (1, 500)
+    ok, _ = await store.reserve_budget(
+        "small", "agent:b", 0.0, count_max=2, sum_max=1000, amount=600, ts=11.0, ref="r3"
+    )
+    assert ok
+    usage = await store.budget_usage("small", 0.0)
+    assert {k: (t.count, t.total) for k, t in usage.items()} == {
+        "agent:a": (1, 500),
+        "agent:b": (1, 600),
+    }
+    assert await store.budget_usage("small", 10.5, "agent:a") == {}  # outside the window
+
+
+async def test_racing_reservations_never_overspend(store: Store, replica: Store) -> None:
+    async def reserve(s: Store, n: int) -> bool:
+        ok, _ = await s.reserve_budget(
+            "cap", "global", 0.0, count_max=3, sum_max=None, amount=1, ts=5.0, ref=f"r{n}"
+        )
+        return ok
+
+    results = await asyncio.gather(*(reserve(store if n % 2 else replica, n) for n in range(10)))
+    assert results.count(True) == 3
+    assert (await store.budget_usage("cap", 0.0))["global"].count == 3
+
+
+# -- lifecycle ----------------------------------------------------------------------------
+
+
+async def test_migrations_run_once_however_often_and_concurrently_opened(
+    store_url: str, clock: Clock
+) -> None:
+    stores = [store_from_url(store_url, clock=clock) for _ in range(3)]
+    await asyncio.gather(*(s.open() for s in stores))  # replicas starting together
+    try:
+        record = await insert(stores[0], action())
+        await stores[1].close()
+        await stores[1].open()  # reopening an up-to-date database changes nothing
+        assert await stores[1].get_action(record.id) == record
+        await stores[2].ping()
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_closed_store_refuses_work(store_url: str) -> None:
+    s = store_from_url(store_url)
+    await s.open()
+    await s.ping()
+    await s.close()
+    with pytest.raises(AssertionError):
+        await s.ping()
+
+
+async def test_status_changes_reach_subscribers_of_every_replica(postgres_url: str) -> None:
+    writer, listener = store_from_url(postgres_url), store_from_url(postgres_url)
+    await writer.open()
+    await listener.open()
+    heard: list[str] = []
+    arrived = asyncio.Event()
+
+    def on_change(action_id: str) -> None:
+        heard.append(action_id)
+        arrived.set()
+
+    try:
+        await listener.subscribe(on_change)
+        record = await insert(writer, action())
+        async with writer.transaction() as tx:  # no status change: no wake-up
+            await tx.update_action(record.id, ("awaiting_approval",), {"attempts": 1})
+        with pytest.raises(RuntimeError):  # rolled back: no wake-up
+            async with writer.transaction() as tx:
+                await tx.update_action(record.id, ("awaiting_approval",), {"status": "expired"})
+                raise RuntimeError("boom")
+        async with writer.transaction() as tx:
+            await tx.update_action(record.id, ("awaiting_approval",), {"status": "pending"})
+        await asyncio.wait_for(arrived.wait(), 10)
+        await asyncio.sleep(0.2)  # anything else in flight would have arrived by now
+        assert heard == [record.id]
+    finally:
+        await writer.close()
+        await listener.close()
+
+
+async def test_wake_ups_resume_after_the_listen_connection_drops(postgres_url: str) -> None:
+    writer, listener = store_from_url(postgres_url), store_from_url(postgres_url)
+    await writer.open()
+    await listener.open()
+    heard: list[str] = []
+    try:
+        await listener.subscribe(heard.append)
+        # The database goes away under the LISTEN connection (a failover, an admin's kill).
+        killed = await writer_fetch(
+            writer,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        assert killed == [True]
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:  # changes made while it reconnects may be missed; later ones arrive
+            record = await insert(writer, action())
+            async with writer.transaction() as tx:
+                await tx.update_action(record.id, ("awaiting_approval",), {"status": "pending"})
+            await asyncio.sleep(0.3)
+            if record.id in heard or asyncio.get_running_loop().time() > deadline:
+                break
+        assert record.id in heard
+    finally:
+        await writer.close()
+        await listener.close()
+
+
+async def writer_fetch(store: Store, sql: str) -> list[Any]:
+    """One column of a raw query on the PostgreSQL store's pool."""
+    from gateway.store.postgres import PostgresStore
+
+    assert isinstance(store, PostgresStore)
+    return [r[0] for r in await store._p.fetch(sql)]
+
+
+def test_every_migration_exists_for_both_stores() -> None:
+    from gateway.store.sqlite import migrations
+
+    sqlite, postgres = migrations("sqlite"), migrations("postgres")
+    assert [v for v, _ in sqlite] == [v for v, _ in postgres]
+    assert len({v for v, _ in sqlite}) == len(sqlite)
+
+
+def test_store_is_chosen_by_url(tmp_path: Path) -> None:
+    from gateway.store.postgres import PostgresStore
+    from gateway.store.sqlite import SqliteStore
+
+    assert isinstance(store_from_url(f"sqlite:///{tmp_path / 'x.db'}"), SqliteStore)
+    assert isinstance(store_from_url("postgresql://u@127.0.0.1/db"), PostgresStore)
+    assert isinstance(store_from_url("postgres://u@127.0.0.1/db"), PostgresStore)
+    with pytest.raises(ValueError, match="COSIGNER_DATABASE"):
+        store_from_url("mysql://u@127.0.0.1/db")
