@@ -157,7 +157,7 @@ class LoadGenerator:
         if self.kind == "wrk":
             out = subprocess.run([self._wrk, "-v"], capture_output=True, text=True).stdout
             return (out.splitlines() or ["wrk"])[0].split(" [")[0].strip()
-        return "bench/loadgen.py (Python; wrk not installed)"
+        return "bench/loadgen.py (Python load generator)"
 
     def _wrk_args(self, port: int, call: Call, connections: int, duration: int) -> list[str]:
         self._scripts += 1

@@ -168,7 +168,7 @@ def start_nginx(procs: Processes, workdir: Path, cpus: set[int] | None) -> int:
 
 
 def gateway_env(
-    workdir: Path, db: Path, port: int, upstream_port: int, log_level: str, extra: dict[str, str]
+    db: Path, port: int, upstream_port: int, log_level: str, extra: dict[str, str]
 ) -> dict[str, str]:
     """Cosigner's settings: only COSIGNER_* variables chosen here (plus --gateway-env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COSIGNER_")}
@@ -206,7 +206,7 @@ def start_gateway(
     home.mkdir()
     db = home / "bench.db"
     port = free_port()
-    env = gateway_env(workdir, db, port, upstream_port, log_level, extra)
+    env = gateway_env(db, port, upstream_port, log_level, extra)
     # cwd is the empty home folder, so no stray .env file is read.
     proc = procs.start(
         name,
@@ -240,15 +240,11 @@ def start_bare(
     return proc, port
 
 
-def request(
-    port: int, call: Call, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """One request (for the checks before the load)."""
+def request(port: int, call: Call) -> tuple[int, dict[str, str], bytes]:
+    """One request (for the checks before the load, and to show why a run failed)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request(
-            call.method, call.path, body=call.body or None, headers=headers or call.headers
-        )
+        conn.request(call.method, call.path, body=call.body or None, headers=call.headers)
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
@@ -723,7 +719,7 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain-text table with aligned columns."""
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
     line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), line]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), line]
     for row in rows:
         cells = [
             c.ljust(w) if i == 0 else c.rjust(w)
@@ -916,11 +912,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="smoke run: 1 round of 2 s, 20,000 actions, 50 page requests",
     )
-    args = p.parse_args(argv)
-    if args.quick:
-        args.rounds, args.duration, args.warmup = 1, 2, 1
-        args.actions, args.page_requests, args.no_info = 20_000, 50, True
-    return args
+    # --quick changes the defaults only: options given explicitly still win.
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(
+            rounds=1, duration=2, warmup=1, actions=20_000, page_requests=50, no_info=True
+        )
+    return p.parse_args(argv)
 
 
 def checkpoints_for(total: int) -> list[int]:

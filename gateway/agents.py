@@ -40,6 +40,9 @@ STRIPE_KEY_PURPOSE = "agent-stripe-key"
 GATEWAY_KEY_TTL = 5.0
 MAX_CACHED = 10_000
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+# Stripe keys are letters, digits and '_'. Anything else is refused before it could reach a
+# header (or an exception message about one) on the way upstream.
+RAW_KEY = re.compile(r"(?:sk|rk)_[A-Za-z0-9_]{4,250}")
 _INVALID_GATEWAY_KEY = "Invalid API key provided: unknown or revoked gateway key."
 
 
@@ -122,7 +125,7 @@ class AgentResolver:
             )
         if credential.startswith(GATEWAY_KEY_PREFIX):
             return await self._gateway_agent(credential)
-        if credential.startswith(RAW_KEY_PREFIXES):
+        if RAW_KEY.fullmatch(credential):
             return self._raw_agent(credential)
         raise AuthenticationFailed("Invalid API key provided.")
 

@@ -26,6 +26,7 @@ from tests.support.gateway import (
     settings_for,
 )
 from tests.support.peers import TEST_STRIPE_KEY, Upstream
+from tests.support.rawhttp import build, send
 
 RULES = Path(__file__).parent / "data" / "rules_keys"
 OWN_STRIPE_KEY = "sk_test_agentsownkey00000000000004321"
@@ -295,3 +296,26 @@ def test_cli_refuses_bad_input_clearly(tmp_path: Path, args: tuple[str, ...], pr
     assert done.returncode != 0
     assert problem in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "credential",
+    [
+        "sk_test_abc def0123456789",
+        "sk_test_abc\tdef0123456789",
+        "sk_test_abc\x7fdef0123456789",
+        "sk_test_abc;def0123456789",
+        "sk_test_caf\u00e90123456789",
+        "sk_",
+        "pk_test_0123456789abcdef",
+        "cos_",
+    ],
+)
+def test_odd_credentials_never_reach_stripe(
+    gw: GatewayThread, upstream: Upstream, credential: str
+) -> None:
+    data = build("GET", "/v1/balance", headers=[("Authorization", f"Bearer {credential}")])
+    resp = send(gw.settings.port, data)
+    assert resp.status in (400, 401), resp.raw[:400]
+    assert credential.encode("latin-1", "replace") not in resp.body
+    assert upstream.requests() == []

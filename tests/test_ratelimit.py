@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,34 @@ def test_successful_sign_ins_cost_nothing(tmp_path: Path, fake_stripe: str) -> N
     with _gateway(tmp_path, fake_stripe, rate_limit_signin_failures="1/h burst 2") as gw:
         for _ in range(20):
             assert gw.admin("GET", "/cosigner/v1/actions").status_code == 200
+
+
+def test_not_being_signed_in_is_no_failed_sign_in(tmp_path: Path, fake_stripe: str) -> None:
+    """A reviewer following receipt links before signing in gets the sign-in page, not 429."""
+    with _gateway(tmp_path, fake_stripe, rate_limit_signin_failures="1/h burst 2") as gw:
+        for _ in range(10):
+            assert _get(gw, "/dashboard/actions/act_x", None).status_code == 401
+            assert _get(gw, "/cosigner/v1/actions", None).status_code == 401
+        assert gw.admin("GET", "/cosigner/v1/actions").status_code == 200
+
+
+def test_failed_login_forms_count_as_failed_sign_ins(tmp_path: Path, fake_stripe: str) -> None:
+    with _gateway(
+        tmp_path, fake_stripe, rate_limit_signin_failures="1/h burst 2", rate_limit_pages="off"
+    ) as gw:
+        browser = requests.Session()
+
+        def attempt(token: str) -> int:
+            form = browser.get(gw.url + "/dashboard/login", timeout=30)
+            found = re.search(r'name="csrf" value="([^"]+)"', form.text)
+            csrf = found.group(1) if found else ""
+            resp = browser.post(
+                gw.url + "/dashboard/login",
+                data={"token": token, "csrf": csrf},
+                allow_redirects=False,
+                timeout=30,
+            )
+            return resp.status_code
+
+        assert [attempt("guess-1"), attempt("guess-2")] == [401, 401]
+        assert attempt(ADMIN_TOKEN) == 429  # locked out, right token or not

@@ -257,10 +257,11 @@ class Upstream:
         include_setup: bool = False,
     ) -> list[dict[str, Any]]:
         """What the upstream received, oldest first: dicts with method, path,
-        target (raw path and query as sent), query, params, body, headers (no Authorization), idempotency_key,
-        stripe_account, api_key (fingerprint `sk_test_…6789`), api_key_last4,
-        status (None if dropped), fault, replayed, handled, setup, time,
-        duration, request_id, seq."""
+        target (raw path and query as sent), query, params, body, headers
+        (no Authorization), idempotency_key, stripe_account, api_key
+        (fingerprint `sk_test_…6789`), api_key_last4, status (None if
+        dropped), fault, replayed, handled, setup, time, duration,
+        request_id, seq."""
         entries: list[dict[str, Any]] = self._control("GET", "/_test/requests")
         return [
             e
