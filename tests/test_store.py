@@ -356,6 +356,16 @@ async def test_list_pages_newest_first_with_filters(store: Store) -> None:
     assert await store.list_actions(ActionFilter(starting_after="act_missing")) == ([], False)
 
 
+async def test_list_is_newest_first_by_insertion_within_one_second(store: Store) -> None:
+    # Random ids do not sort by time: actions made in the same second list as inserted.
+    ids = ["act_zzz", "act_aaa", "act_mmm", "act_bbb"]
+    for action_id in ids:
+        await insert(store, action(id=action_id, created=1_800_000_000))
+    page, more = await store.list_actions(ActionFilter(limit=2))
+    rest, _ = await store.list_actions(ActionFilter(limit=10, starting_after=page[-1].id))
+    assert [a.id for a in page + rest] == list(reversed(ids)) and more
+
+
 async def test_due_expiries_are_undecided_actions_past_their_time(store: Store) -> None:
     due = await insert(store, action(expires_at=100))
     await insert(store, action(expires_at=100, status="rejected"))

@@ -355,14 +355,14 @@ class PostgresStore:
                 args.append(value)
                 where.append(f"{column} = ${len(args)}")
         if flt.starting_after:
-            # Keyset pagination on (created, id), newest first.
+            # Keyset pagination on (created, seq): newest first, in insertion order.
             args.append(flt.starting_after)
             where.append(
-                f"(created, id) < (SELECT created, id FROM actions WHERE id = ${len(args)})"
+                f"(created, seq) < (SELECT created, seq FROM actions WHERE id = ${len(args)})"
             )
         args.append(flt.limit + 1)
         sql = _ACTION_SELECT + (" WHERE " + " AND ".join(where) if where else "")
-        sql += f" ORDER BY created DESC, id DESC LIMIT ${len(args)}"
+        sql += f" ORDER BY created DESC, seq DESC LIMIT ${len(args)}"
         rows = [_action(r) for r in await self._p.fetch(sql, *args)]
         return rows[: flt.limit], len(rows) > flt.limit
 

@@ -175,12 +175,12 @@ class SqliteTx:
 
 
 async def _decisions(db: aiosqlite.Connection, action_id: str) -> list[DecisionRecord]:
-    async with db.execute(
+    rows = await db.execute_fetchall(
         "SELECT action_id, reviewer, decision, note, via, created, params FROM decisions"
         " WHERE action_id = ? ORDER BY created, rowid",
         (action_id,),
-    ) as cur:
-        return [_decision(r) for r in await cur.fetchall()]
+    )
+    return [_decision(r) for r in rows]
 
 
 async def _add_event(db: aiosqlite.Connection, event: EventRecord) -> None:
@@ -276,24 +276,29 @@ class SqliteStore:
         async with self.transaction():
             await self._w.execute(sql, args)
 
+    async def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        """Every read on the shared reader is one call (execute + fetch + close).
+
+        An open cursor interleaved with other reads would keep a read transaction, and so an
+        old snapshot, alive: readers would see a stale status.
+        """
+        return list(await self._r.execute_fetchall(sql, args))
+
     async def get_action(self, action_id: str) -> ActionRecord | None:
-        # One call (execute + fetch + close): on the shared reader, an open cursor interleaved
-        # with other reads keeps a read transaction, and its snapshot, alive -- stale status.
-        rows = await self._r.execute_fetchall(_ACTION_SELECT + " WHERE id = ?", (action_id,))
-        return _action(next(iter(rows))) if rows else None
+        rows = await self._rows(_ACTION_SELECT + " WHERE id = ?", (action_id,))
+        return _action(rows[0]) if rows else None
 
     async def find_idempotent(self, agent: str, key: str) -> ActionRecord | None:
-        rows = await self._r.execute_fetchall(
+        rows = await self._rows(
             _ACTION_SELECT + " WHERE agent = ? AND idempotency_key = ?", (agent, key)
         )
-        return _action(next(iter(rows))) if rows else None
+        return _action(rows[0]) if rows else None
 
     async def find_joinable(self, agent: str, join_key: str) -> ActionRecord | None:
-        async with self._r.execute(
+        rows = await self._rows(
             _ACTION_SELECT + " WHERE agent = ? AND join_key = ?", (agent, join_key)
-        ) as cur:
-            row = await cur.fetchone()
-        return _action(row) if row else None
+        )
+        return _action(rows[0]) if rows else None
 
     async def list_actions(self, flt: ActionFilter) -> tuple[list[ActionRecord], bool]:
         where, args = [], []
@@ -303,44 +308,43 @@ class SqliteStore:
                 where.append(f"{column} = ?")
                 args.append(value)
         if flt.starting_after:
-            # Keyset pagination on (created, id), newest first.
-            where.append("(created, id) < (SELECT created, id FROM actions WHERE id = ?)")
+            # Keyset pagination on (created, rowid): newest first, in insertion order.
+            where.append("(created, rowid) < (SELECT created, rowid FROM actions WHERE id = ?)")
             args.append(flt.starting_after)
         sql = _ACTION_SELECT + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created DESC, id DESC LIMIT ?"
+        sql += " ORDER BY created DESC, rowid DESC LIMIT ?"
         args.append(flt.limit + 1)
-        async with self._r.execute(sql, args) as cur:
-            rows = [_action(r) for r in await cur.fetchall()]
-        return rows[: flt.limit], len(rows) > flt.limit
+        actions = [_action(r) for r in await self._rows(sql, args)]
+        return actions[: flt.limit], len(actions) > flt.limit
 
     async def decisions(self, action_id: str) -> list[DecisionRecord]:
         return await _decisions(self._r, action_id)
 
     async def events(self, action_id: str) -> list[EventRecord]:
-        async with self._r.execute(
+        rows = await self._rows(
             "SELECT action_id, ts, kind, data FROM events WHERE action_id = ? ORDER BY id",
             (action_id,),
-        ) as cur:
-            return [EventRecord(a, ts, k, json.loads(d)) for a, ts, k, d in await cur.fetchall()]
+        )
+        return [EventRecord(a, ts, k, json.loads(d)) for a, ts, k, d in rows]
 
     async def add_event(self, event: EventRecord) -> None:
         async with self.transaction():
             await _add_event(self._w, event)
 
     async def due_expiries(self, now: float, limit: int) -> list[str]:
-        async with self._r.execute(
+        rows = await self._rows(
             "SELECT id FROM actions WHERE status = 'awaiting_approval' AND expires_at <= ? LIMIT ?",
             (now, limit),
-        ) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        )
+        return [r[0] for r in rows]
 
     async def claimable_forwards(self, now: float, limit: int) -> list[str]:
-        async with self._r.execute(
+        rows = await self._rows(
             "SELECT id FROM actions WHERE status = 'pending'"
             " AND (lease_until IS NULL OR lease_until < ?) ORDER BY updated LIMIT ?",
             (now, limit),
-        ) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        )
+        return [r[0] for r in rows]
 
     async def record_request(self, receipt: RequestReceipt) -> None:
         await self._write(
@@ -361,12 +365,12 @@ class SqliteStore:
         )
 
     async def requests(self, limit: int) -> list[RequestReceipt]:
-        async with self._r.execute(
+        rows = await self._rows(
             "SELECT id, ts, agent, method, path, rule, decision, status, latency_ms, action_id"
             " FROM requests ORDER BY ts DESC LIMIT ?",
             (limit,),
-        ) as cur:
-            return [RequestReceipt(*r) for r in await cur.fetchall()]
+        )
+        return [RequestReceipt(*r) for r in rows]
 
     async def claim_outbox(
         self, kind: str, now: float, lease: float, limit: int
@@ -401,10 +405,10 @@ class SqliteStore:
         )
 
     async def outbox(self, action_id: str) -> list[OutboxItem]:
-        async with self._r.execute(
+        rows = await self._rows(
             f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE action_id = ? ORDER BY id", (action_id,)
-        ) as cur:
-            return [_outbox(r) for r in await cur.fetchall()]
+        )
+        return [_outbox(r) for r in rows]
 
     async def budget_usage(
         self, rule: str, since: float, scope_key: str | None = None
@@ -417,8 +421,8 @@ class SqliteStore:
         if scope_key is not None:
             sql += " AND scope_key = ?"
             args.append(scope_key)
-        async with self._r.execute(sql + " GROUP BY scope_key", args) as cur:
-            return {key: BudgetTally(count, total) for key, count, total in await cur.fetchall()}
+        rows = await self._rows(sql + " GROUP BY scope_key", args)
+        return {key: BudgetTally(count, total) for key, count, total in rows}
 
     async def reserve_budget(
         self,
@@ -454,14 +458,14 @@ class SqliteStore:
         return True, tally
 
     async def count_by_status(self) -> dict[str, int]:
-        async with self._r.execute("SELECT status, COUNT(*) FROM actions GROUP BY status") as cur:
-            return {status: count for status, count in await cur.fetchall()}
+        rows = await self._rows("SELECT status, COUNT(*) FROM actions GROUP BY status")
+        return {status: count for status, count in rows}
 
     async def outbox_stats(self) -> list[OutboxStat]:
-        async with self._r.execute(
+        rows = await self._rows(
             "SELECT kind, status, COUNT(*), COUNT(last_error) FROM outbox GROUP BY kind, status"
-        ) as cur:
-            return [OutboxStat(*row) for row in await cur.fetchall()]
+        )
+        return [OutboxStat(*row) for row in rows]
 
     async def create_agent_key(self, key: AgentKeyRecord) -> bool:
         # A revoked key's name may be issued again; an active one may not.
@@ -477,17 +481,14 @@ class SqliteStore:
         return changed == 1
 
     async def agent_key_by_hash(self, key_hash: str) -> AgentKeyRecord | None:
-        async with self._r.execute(
+        rows = await self._rows(
             f"SELECT {_AGENT_KEY_COLUMNS} FROM agent_keys WHERE key_hash = ?", (key_hash,)
-        ) as cur:
-            row = await cur.fetchone()
-        return _agent_key(row) if row else None
+        )
+        return _agent_key(rows[0]) if rows else None
 
     async def list_agent_keys(self) -> list[AgentKeyRecord]:
-        async with self._r.execute(
-            f"SELECT {_AGENT_KEY_COLUMNS} FROM agent_keys ORDER BY name"
-        ) as cur:
-            return [_agent_key(r) for r in await cur.fetchall()]
+        rows = await self._rows(f"SELECT {_AGENT_KEY_COLUMNS} FROM agent_keys ORDER BY name")
+        return [_agent_key(r) for r in rows]
 
     async def revoke_agent_key(self, name: str, when: int) -> bool:
         changed = await self._changed_rows(
@@ -507,8 +508,7 @@ class SqliteStore:
             return cur.rowcount
 
     async def ping(self) -> None:
-        async with self._r.execute("SELECT 1") as cur:
-            await cur.fetchone()
+        await self._rows("SELECT 1")
 
     async def subscribe(self, callback: Callable[[str], None]) -> None:
         """No-op: one process writes this file, and it wakes its own waiters."""
