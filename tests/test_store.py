@@ -25,6 +25,7 @@ from gateway.store.base import (
     RequestReceipt,
     Store,
 )
+from gateway.store.sqlite import SqliteStore
 
 
 class Clock:
@@ -650,10 +651,99 @@ def test_every_migration_exists_for_both_stores() -> None:
 
 def test_store_is_chosen_by_url(tmp_path: Path) -> None:
     from gateway.store.postgres import PostgresStore
-    from gateway.store.sqlite import SqliteStore
 
     assert isinstance(store_from_url(f"sqlite:///{tmp_path / 'x.db'}"), SqliteStore)
     assert isinstance(store_from_url("postgresql://u@127.0.0.1/db"), PostgresStore)
     assert isinstance(store_from_url("postgres://u@127.0.0.1/db"), PostgresStore)
     with pytest.raises(ValueError, match="COSIGNER_DATABASE"):
         store_from_url("mysql://u@127.0.0.1/db")
+
+
+# -- group commit (SQLite) ----------------------------------------------------------------
+
+
+async def _sqlite(tmp_path: Path) -> SqliteStore:
+    store = SqliteStore(tmp_path / "group.db")
+    await store.open()
+    return store
+
+
+async def test_group_commit_makes_every_transaction_durable_with_fewer_commits(
+    tmp_path: Path,
+) -> None:
+    store = await _sqlite(tmp_path)
+    try:
+        records = [action() for _ in range(200)]
+        before = store.commits
+        await asyncio.gather(*(insert(store, r) for r in records))
+        used = store.commits - before
+        assert 1 <= used < 200
+        # Every insert is committed by the time its transaction returned: a fresh
+        # connection (another process's view) sees all of them.
+        other = await _sqlite(tmp_path)
+        try:
+            for record in records:
+                assert await other.get_action(record.id) is not None
+        finally:
+            await other.close()
+    finally:
+        await store.close()
+
+
+async def test_a_failing_transaction_in_a_batch_leaves_the_others_alone(tmp_path: Path) -> None:
+    store = await _sqlite(tmp_path)
+    good = [action() for _ in range(20)]
+    bad = action()
+
+    async def fail() -> None:
+        async with store.transaction() as tx:
+            await tx.insert_action(bad)
+            raise RuntimeError("boom")
+
+    try:
+        results = await asyncio.gather(
+            *(insert(store, r) for r in good[:10]),
+            fail(),
+            *(insert(store, r) for r in good[10:]),
+            return_exceptions=True,
+        )
+        assert [type(r) for r in results].count(RuntimeError) == 1
+        assert await store.get_action(bad.id) is None
+        for record in good:
+            assert await store.get_action(record.id) is not None
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_joiner_never_strands_the_batch(tmp_path: Path) -> None:
+    store = await _sqlite(tmp_path)
+    first, second = action(), action()
+    try:
+        entered = asyncio.Event()
+        release = asyncio.Event()
+
+        async def slow() -> None:
+            async with store.transaction() as tx:
+                await tx.insert_action(first)
+                entered.set()
+                await release.wait()
+
+        holder = asyncio.create_task(slow())
+        await entered.wait()
+        joiner = asyncio.create_task(insert(store, second))
+        await asyncio.sleep(0.05)  # the joiner is queued for the lock
+        release.set()
+        # The holder sees the joiner queued, leaves the commit to it and hands it the lock;
+        # the joiner is cancelled before it runs. The batch must still be committed.
+        for _ in range(10_000):
+            if not store._lock.locked():
+                break
+            await asyncio.sleep(0)
+        assert not store._lock.locked() and not holder.done()
+        joiner.cancel()
+        await asyncio.wait_for(holder, 10)  # returns only once its insert is committed
+        assert await store.get_action(first.id) is not None
+        with pytest.raises(asyncio.CancelledError):
+            await joiner
+    finally:
+        await store.close()

@@ -190,12 +190,20 @@ async def _add_event(db: aiosqlite.Connection, event: EventRecord) -> None:
     )
 
 
+MAX_BATCH = 512  # logical transactions per group commit
+
+
 class SqliteStore:
     """Store backed by one SQLite file."""
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] | None = None) -> None:
         self.path = str(path)
         self._lock = asyncio.Lock()
+        self._queued = 0  # logical transactions waiting for the writer lock
+        self._batch: asyncio.Future[None] | None = None  # the open group commit, if any
+        self._batch_size = 0
+        self._flushes: set[asyncio.Task[None]] = set()
+        self.commits = 0  # SQLite commits made (fewer than transactions, thanks to batching)
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._clock = clock or time.time
@@ -256,6 +264,8 @@ class SqliteStore:
             await self._w.commit()
 
     async def close(self) -> None:
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
         for conn in (self._reader, self._writer):
             if conn is not None:
                 await conn.close()
@@ -263,14 +273,73 @@ class SqliteStore:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
-        async with self._lock:
-            await self._w.execute("BEGIN IMMEDIATE")
+        """One logical transaction; several share one SQLite commit (group commit).
+
+        Each logical transaction runs alone under the writer lock, inside a SAVEPOINT of the
+        batch's BEGIN IMMEDIATE. When it ends and others are already queued for the lock, the
+        commit is left to the last of them: one fsync then makes the whole batch durable, and
+        every caller returns only after that COMMIT. A failing logical transaction rolls back
+        to its savepoint and leaves the rest of the batch alone.
+        """
+        self._queued += 1
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            self._queued -= 1
+            self._flush_soon()  # the holder may have left the batch to us
+            raise
+        self._queued -= 1
+        try:
+            if self._batch is None:
+                await self._w.execute("BEGIN IMMEDIATE")
+                self._batch = asyncio.get_running_loop().create_future()
+                self._batch_size = 0
+            batch = self._batch
+            await self._w.execute("SAVEPOINT tx")
             try:
                 yield SqliteTx(self._w, self._clock())
             except BaseException:
-                await self._w.rollback()
+                await self._w.execute("ROLLBACK TO tx")
+                await self._w.execute("RELEASE tx")
+                await self._end_turn()
                 raise
-            await self._w.commit()
+            await self._w.execute("RELEASE tx")
+            self._batch_size += 1
+            await self._end_turn()
+        finally:
+            self._lock.release()
+        # Durable before we answer; a cancelled caller does not cancel the shared commit.
+        await asyncio.shield(batch)
+
+    async def _end_turn(self) -> None:
+        """Commit the batch unless another logical transaction is queued to join it."""
+        if self._queued and self._batch_size < MAX_BATCH:
+            return
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        try:
+            await self._w.execute("COMMIT")
+            self.commits += 1
+        except BaseException as exc:
+            await self._w.rollback()
+            if not batch.done():
+                batch.set_exception(exc)
+            raise
+        if not batch.done():
+            batch.set_result(None)
+
+    def _flush_soon(self) -> None:
+        """Commit an open batch whose last joiner gave up before taking the lock."""
+
+        async def flush() -> None:
+            async with self._lock:
+                await self._end_turn()  # a no-op while someone else is queued to join
+
+        if self._batch is not None and self._queued == 0:
+            task = asyncio.get_running_loop().create_task(flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
 
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
         async with self.transaction():
