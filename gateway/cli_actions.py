@@ -35,19 +35,10 @@ from gateway.forwarder import Forwarder
 from gateway.notify import Notifier
 from gateway.settings import SECRET_FILE_NAME, Settings, load_secret_key
 from gateway.store import store_from_url
-from gateway.store.base import ActionFilter, ActionRecord, EventRecord, Store
+from gateway.store.base import STATUSES, ActionFilter, ActionRecord, EventRecord, Store
 from gateway.tasks import TaskSet
 from gateway.views import action_object
 
-STATUSES = (
-    "awaiting_approval",
-    "pending",
-    "completed",
-    "failed",
-    "rejected",
-    "cancelled",
-    "expired",
-)
 SUMMARY_WIDTH = 48
 HELP = """\
 Decide held actions from the terminal.

@@ -21,17 +21,8 @@ from prometheus_client.registry import Collector
 
 from gateway.forwarder import Attempt
 from gateway.policy import Policy
-from gateway.store.base import OutboxStat, Status
+from gateway.store.base import STATUSES, OutboxStat
 
-STATUSES: tuple[Status, ...] = (
-    "awaiting_approval",
-    "pending",
-    "completed",
-    "failed",
-    "rejected",
-    "cancelled",
-    "expired",
-)
 OUTBOX_KINDS = ("mail", "callback")
 # Upstream answers are usually tens of milliseconds; retries and timeouts reach seconds.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

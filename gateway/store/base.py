@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 Status = Literal[
     "awaiting_approval", "pending", "completed", "failed", "rejected", "cancelled", "expired"
 ]
+STATUSES: tuple[Status, ...] = get_args(Status)  # every status, in lifecycle order
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "rejected", "cancelled", "expired"})
 OPEN: frozenset[str] = frozenset({"awaiting_approval", "pending"})
 

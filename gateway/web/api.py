@@ -11,19 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.crypto import constant_time_equal
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
 from gateway.keys import ACTIONS, AGENTS, SETTINGS, STORE
-from gateway.store.base import ActionFilter, ActionRecord
+from gateway.store.base import STATUSES, ActionFilter, ActionRecord
 from gateway.views import action_object
 
 M = TypeVar("M", bound=BaseModel)
-STATUSES = (
-    "awaiting_approval",
-    "pending",
-    "completed",
-    "failed",
-    "rejected",
-    "cancelled",
-    "expired",
-)
 
 
 class ApproveBody(BaseModel):

@@ -9,13 +9,13 @@ session's CSRF token.
 from __future__ import annotations
 
 import urllib.parse
-from typing import Any, get_args
+from typing import Any
 
 from aiohttp import web
 
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.keys import ACTIONS, STORE
-from gateway.store.base import ActionFilter, ActionRecord, Status
+from gateway.store.base import STATUSES, ActionFilter, ActionRecord
 from gateway.templating import context_rows, current_value, param_rows, pretty_json
 from gateway.web.pages import MAX_NOTE, edits_from, field, message, now, page, read_form, root
 from gateway.web.session import (
@@ -34,7 +34,6 @@ from gateway.web.session import (
 from gateway.web.timeline import timeline
 
 PAGE_SIZE = 25
-STATUSES: tuple[str, ...] = get_args(Status)
 HOME = "/dashboard/actions"
 # The stored headers are an allow-list already; these never show, whatever changes there.
 HIDDEN = frozenset({"authorization", "proxy-authorization", "cookie"})
