@@ -92,7 +92,10 @@ def create_app(
     limiter = limiter_from_settings(settings)
     # Room above max_body so the proxy can answer 413 in Stripe's shape itself.
     app = web.Application(
-        middlewares=[errors_middleware, limits_middleware(limiter)],
+        middlewares=[
+            errors_middleware,
+            limits_middleware(limiter, page_answer=pages.too_many_requests),
+        ],
         client_max_size=settings.max_body,
     )
     app[keys.LIMITS] = limiter

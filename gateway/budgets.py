@@ -120,11 +120,12 @@ async def usage_from_database(
 
     A missing SQLite file is not created: budgets are then shown unused.
     """
+    from gateway.settings import display_url
     from gateway.store import store_from_url
 
     if not rules.budgeted_rules():
         return {}, ""
-    shown = database.split("@")[-1]  # never the password
+    shown = display_url(database)  # never the password
     if database.startswith("sqlite:///"):
         path = Path(database.removeprefix("sqlite:///") or "cosigner.db").expanduser()
         if not path.exists():

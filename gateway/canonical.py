@@ -461,14 +461,15 @@ def read_request(
     method: str, raw_target: str, content_type: str | None, body: bytes
 ) -> CanonicalRequest:
     """Read a request as received into its one canonical form, or raise a CosignerError."""
-    if not _METHOD.fullmatch(method):
-        raise InvalidRequest("The request method is not a valid token.")
-    method = method.upper()
-    if method not in METHODS:
-        raise MethodNotAllowed(
-            f"The method {_show(method)} is not used by the Stripe API.",
-            headers={"Allow": ", ".join(METHODS)},
-        )
+    if method not in METHODS:  # as every client spells them: a valid token, already upper case
+        if not _METHOD.fullmatch(method):
+            raise InvalidRequest("The request method is not a valid token.")
+        method = method.upper()
+        if method not in METHODS:
+            raise MethodNotAllowed(
+                f"The method {_show(method)} is not used by the Stripe API.",
+                headers={"Allow": ", ".join(METHODS)},
+            )
     raw_path, _, raw_query = raw_target.partition("?")
     path = normalise_path(raw_path)
     check_api_path(path)
@@ -499,8 +500,13 @@ def read_request(
             raise InvalidBody("The form body is not valid UTF-8.") from None
         body_params = build_params(parse_pairs(text))
         canonical_body = encode_form(body_params).encode("ascii")
-    params = dict(query_params)
-    _merge_disjoint(params, body_params)
+    if not body_params:  # the usual case: parameters in one place, nothing to merge
+        params = query_params
+    elif not query_params:
+        params = body_params
+    else:
+        params = dict(query_params)
+        _merge_disjoint(params, body_params)
     return CanonicalRequest(
         method=method,
         path=path,

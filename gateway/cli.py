@@ -40,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.logs import configure_logging
+    from gateway.runtime import freeze_startup_objects, new_event_loop
 
     settings = _settings(args.config)
     configure_logging(settings.log_level, settings.log_format)
@@ -54,8 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.listen,
         settings.upstream,
         settings.rules,
-        settings.database.split("@")[-1],
+        settings.database_display,
     )
+    app.on_startup.append(freeze_startup_objects)  # last: after every cleanup_ctx has run
     web.run_app(
         app,
         host=settings.host,
@@ -63,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print=None,
         access_log=None,
         shutdown_timeout=settings.shutdown_grace,
+        loop=new_event_loop(settings.event_loop),
     )
     return 0
 
@@ -139,11 +142,11 @@ def _budget_usage(rules: RuleSet, agent: str) -> tuple[dict[str, BudgetUsage], s
 
     if not rules.budgeted_rules():
         return {}, ""
-    database = _settings().database
+    settings = _settings()
     try:
-        return asyncio.run(usage_from_database(database, rules, agent, time.time()))
+        return asyncio.run(usage_from_database(settings.database, rules, agent, time.time()))
     except Exception as exc:  # explain still answers, offline
-        where = database.split("@")[-1]
+        where = settings.database_display
         return {}, f"could not read budget usage from {where} ({exc}): budgets shown unused"
 
 

@@ -23,32 +23,55 @@ def derive(master: bytes, purpose: str) -> bytes:
     )
 
 
+MAX_PURPOSES = 64  # purposes are constants in the code; the bound is only a backstop
+
+
 class Keyring:
     """The master secret (and a previous one, for rotation) turned into purpose keys."""
 
     def __init__(self, master: bytes, previous: Iterable[bytes] = ()) -> None:
         self._masters = [master, *previous]
+        # Derived once per purpose (HKDF, and AES-GCM's key setup, cost more than the
+        # sealing itself): keyed by (which master, purpose).
+        self._keys: dict[tuple[int, str], bytes] = {}
+        self._aeads: dict[tuple[int, str], AESGCM] = {}
 
     def __repr__(self) -> str:
         return "Keyring(**********)"
 
+    def _derived(self, index: int, purpose: str) -> bytes:
+        key = self._keys.get((index, purpose))
+        if key is None:
+            if len(self._keys) >= MAX_PURPOSES:
+                self._keys.clear()
+                self._aeads.clear()
+            key = self._keys[(index, purpose)] = derive(self._masters[index], purpose)
+        return key
+
+    def _aead(self, index: int, purpose: str) -> AESGCM:
+        aead = self._aeads.get((index, purpose))
+        if aead is None:
+            aead = AESGCM(self._derived(index, purpose))
+            self._aeads[(index, purpose)] = aead
+        return aead
+
     def key(self, purpose: str) -> bytes:
         """The current key for a purpose."""
-        return derive(self._masters[0], purpose)
+        return self._derived(0, purpose)
 
     def seal(self, purpose: str, plaintext: bytes, aad: bytes) -> bytes:
         """Encrypt and authenticate with AES-GCM; ``aad`` binds the ciphertext to its row."""
         nonce = os.urandom(12)
-        return _VERSION + nonce + AESGCM(self.key(purpose)).encrypt(nonce, plaintext, aad)
+        return _VERSION + nonce + self._aead(0, purpose).encrypt(nonce, plaintext, aad)
 
     def open(self, purpose: str, sealed: bytes, aad: bytes) -> bytes:
         """Decrypt with the current key, then with previous ones (key rotation)."""
         if not sealed.startswith(_VERSION):
             raise ValueError("unknown ciphertext version")
         nonce, ct = sealed[1:13], sealed[13:]
-        for master in self._masters:
+        for index in range(len(self._masters)):
             try:
-                return AESGCM(derive(master, purpose)).decrypt(nonce, ct, aad)
+                return self._aead(index, purpose).decrypt(nonce, ct, aad)
             except InvalidTag:
                 continue
         raise ValueError("ciphertext does not open with any configured secret key")
@@ -60,8 +83,8 @@ class Keyring:
     def verify_mac(self, purpose: str, data: bytes, mac: bytes) -> bool:
         """True if ``mac`` is data's HMAC under the current or a previous key (rotation)."""
         ok = False
-        for master in self._masters:
-            expected = hmac.new(derive(master, purpose), data, hashlib.sha256).digest()
+        for index in range(len(self._masters)):
+            expected = hmac.new(self._derived(index, purpose), data, hashlib.sha256).digest()
             ok |= hmac.compare_digest(expected, mac)
         return ok
 

@@ -154,11 +154,19 @@ class UnsupportedMediaType(CosignerError):
 
 
 class RateLimited(CosignerError):
-    """Too many requests."""
+    """Too many requests: ``reason``, and the whole seconds until one more is allowed."""
 
     status = 429
     type = "rate_limit_error"
     code = "rate_limit"
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(
+            f"{reason} Retry after {retry_after} second(s).",
+            headers={"Retry-After": str(retry_after)},
+        )
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class StripeKeyMissing(CosignerError):

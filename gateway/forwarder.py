@@ -113,7 +113,11 @@ class ForwardObserver(Protocol):
 
 def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """Upstream response headers minus hop-by-hop ones."""
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+    out = CIMultiDict(headers)
+    for name in HOP_BY_HOP:  # a copy and a few lookups: cheaper than filtering every header
+        if name in out:  # case-insensitive, like the response's own headers
+            out.popall(name)
+    return out
 
 
 def should_retry(status: int, headers: Mapping[str, str]) -> bool:

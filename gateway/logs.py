@@ -38,7 +38,7 @@ def _text_value(value: Any) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if text and all(c.isprintable() and c not in ' "=' for c in text):
+    if text.isprintable() and not (" " in text or '"' in text or "=" in text) and text:
         return text
     return json.dumps(text, ensure_ascii=False)
 
@@ -48,24 +48,45 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+        self._stamp = (-1, "")  # (second, its date and time): one strftime a second
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """logging's default ``2024-11-19 10:00:00,123`` (local time), computed once a second."""
+        second, text = self._stamp
+        if int(record.created) != second:
+            text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._stamp = (int(record.created), text)
+        return f"{text},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
         fields: Mapping[str, Any] | None = getattr(record, "fields", None)
-        if fields:
-            pairs = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
-            head, sep, tail = line.partition("\n")  # keep a traceback below the pairs
-            line = f"{head} {pairs}{sep}{tail}"
-        return line
+        if not fields:
+            return super().format(record)
+        pairs = " ".join([f"{k}={_text_value(v)}" for k, v in fields.items()])
+        if record.exc_info or record.exc_text or record.stack_info or record.args:
+            head, sep, tail = super().format(record).partition("\n")  # a traceback stays below
+            return f"{head} {pairs}{sep}{tail}"
+        # The access line (once per request): the same text as the format string gives.
+        record.message = str(record.msg)
+        return (
+            f"{self.formatTime(record)} {record.levelname} {record.name} {record.message} {pairs}"
+        )
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, message, then any structured fields."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = (-1, "")  # (second, its UTC date and time): one strftime a second
+
     def format(self, record: logging.LogRecord) -> str:
+        second, stamp = self._stamp
+        if int(record.created) != second:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            self._stamp = (int(record.created), stamp)
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -92,6 +113,9 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # No formatter here shows them, and every record (one per request) would look them up:
+    # the logging HOWTO's "Optimization" switches.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     floor = max(root.level, logging.INFO)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(floor)
@@ -129,4 +153,10 @@ def log_request(info: RequestInfo, request: web.Request, status: int, latency_ms
         "upstream_status": info.upstream_status,
         "latency_ms": round(latency_ms, 1),
     }
-    access.log(level, "request", extra={"fields": fields})
+    # Made and handled directly: Logger.log would also walk the stack for a caller no
+    # formatter here prints, on every request.
+    access.handle(
+        access.makeRecord(
+            access.name, level, __file__, 0, "request", (), None, extra={"fields": fields}
+        )
+    )

@@ -64,7 +64,13 @@ MAX_JUSTIFICATION = 2000
 
 
 def _forward_headers(request: web.Request) -> dict[str, str]:
-    return {h: request.headers[h] for h in FORWARD_REQUEST_HEADERS if h in request.headers}
+    headers = request.headers
+    out: dict[str, str] = {}
+    for name in FORWARD_REQUEST_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:

@@ -12,7 +12,8 @@
 
 A rate is ``N/s``, ``N/m`` or ``N/h``, optionally ``burst B`` (default: 2 N),
 or ``off``. Over the limit: 429 in Stripe's shape (``rate_limit_error``) with
-``Retry-After`` in whole seconds. Buckets live in memory, per process (each
+``Retry-After`` in whole seconds (on the review and dashboard pages, a page
+saying how long to wait). Buckets live in memory, per process (each
 replica counts on its own), and their tables are bounded: the least recently
 used bucket is dropped first (an idle bucket is a full one anyway). The
 client address is the TCP peer; behind a reverse proxy every client shares
@@ -38,11 +39,14 @@ if TYPE_CHECKING:  # settings imports this module to validate rates
     from gateway.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PageAnswer = Callable[[web.Request, RateLimited], web.StreamResponse]
 
 MAX_BUCKETS = 10_000
 LOGIN_PATH = "/dashboard/login"
 PAGE_PREFIXES = ("/review/", LOGIN_PATH)
 SIGN_IN_PREFIXES = ("/cosigner/", "/dashboard")
+HTML_PREFIXES = ("/review/", "/dashboard")  # pages for people: their 429 is a page too
+LIMITED_PREFIXES = PAGE_PREFIXES + SIGN_IN_PREFIXES  # everywhere else, this middleware passes
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*(?:burst\s+(\d+))?\s*", re.IGNORECASE)
 
@@ -123,11 +127,7 @@ class Buckets:
 
 
 def _limited(message: str, wait: float) -> RateLimited:
-    retry_after = max(1, math.ceil(wait))
-    return RateLimited(
-        f"{message} Retry after {retry_after} second(s).",
-        headers={"Retry-After": str(retry_after)},
-    )
+    return RateLimited(message, max(1, math.ceil(wait)))
 
 
 class RateLimiter:
@@ -189,22 +189,32 @@ def limiter_from_settings(settings: Settings) -> RateLimiter:
     )
 
 
-def limits_middleware(limiter: RateLimiter) -> Middleware:
+def limits_middleware(limiter: RateLimiter, *, page_answer: PageAnswer | None = None) -> Middleware:
     """Per-address limits on the review pages, the login form and sign-in failures.
 
     Keyed by path prefix, so it covers routes it knows nothing else about. It
-    must run inside the errors middleware, which renders the 429.
+    must run inside the errors middleware, which renders the 429 in Stripe's
+    shape; on the pages people read (``HTML_PREFIXES``), ``page_answer``
+    renders it instead, as a page.
     """
 
     @web.middleware
     async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
-        address = request.remote or "-"
         path = request.path
-        if path.startswith(PAGE_PREFIXES):
-            limiter.page(address)
+        if not path.startswith(LIMITED_PREFIXES):  # the proxy (per-agent limits are its own)
+            return await handler(request)
+        address = request.remote or "-"
         guarded = path.startswith(SIGN_IN_PREFIXES)
+        try:
+            if path.startswith(PAGE_PREFIXES):
+                limiter.page(address)
+            if guarded:
+                limiter.check_signin(address)
+        except RateLimited as exc:
+            if page_answer is not None and path.startswith(HTML_PREFIXES):
+                return page_answer(request, exc)
+            raise
         if guarded:
-            limiter.check_signin(address)
             # Only a presented credential can be a guess: a 401 for "not signed in yet"
             # (a reviewer following a receipt link) is no failure.
             guarded = "Authorization" in request.headers or (

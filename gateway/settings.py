@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -28,7 +29,8 @@ class Settings(BaseSettings):
     listen: str = "127.0.0.1:8080"
     upstream: str = "https://api.stripe.com"
     public_url: str | None = None
-    database: str = "sqlite:///./cosigner.db"
+    # SECURITY: may hold a password; repr shows nothing of it, logs show database_display.
+    database: str = Field("sqlite:///./cosigner.db", repr=False)
     rules: Path = Path("./rules")
     secret_key: SecretStr | None = None
     secret_key_previous: SecretStr | None = None
@@ -54,6 +56,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for collectors
     rules_watch: float = Field(1.0, ge=0)  # seconds between looks at the rules folder; 0: off
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"  # auto: uvloop when installed
     # Abuse limits (gateway/ratelimit.py): "N/s", "N/m" or "N/h", optionally "burst B", or "off".
     rate_limit_reads: str = "100/s burst 200"  # per agent: GET/HEAD (Stripe's live-mode rate)
     rate_limit_writes: str = "25/s burst 200"  # per agent: every other method
@@ -111,11 +114,38 @@ class Settings(BaseSettings):
         return tuple(r.strip() for r in self.reviewers.split(",") if r.strip())
 
     @property
+    def database_display(self) -> str:
+        """COSIGNER_DATABASE with its password masked, for logs and messages."""
+        return display_url(self.database)
+
+    @property
     def data_dir(self) -> Path:
         """Folder of the SQLite file, or the working folder for other databases."""
         if self.database.startswith("sqlite:///"):
             return Path(self.database.removeprefix("sqlite:///")).expanduser().resolve().parent
         return Path.cwd()
+
+
+_USER = re.compile(r"[^:@/?#]*:")  # "user:" at the start of a URL's authority
+_QUERY_PASSWORD = re.compile(r"(?i)((?:^|[?&\s])(?:ssl)?password=)[^&\s]*")
+
+
+def display_url(url: str) -> str:
+    """A database URL fit to print: ``postgresql://user:***@host:5432/db``.
+
+    Masks the userinfo password and ``password=``/``sslpassword=`` options (libpq reads
+    both), even in a URL too malformed to parse.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme != "sqlite":
+        user = _USER.match(rest)
+        # The password runs to the LAST '@', as libpq and asyncpg read it: it may hold '@',
+        # and, unencoded, '/', '?' or '#'. An '@' in the query masks too much: the safe side.
+        at = rest.rfind("@")
+        if user is not None and at >= user.end():
+            rest = f"{rest[: user.end()]}***{rest[at:]}"
+        url = f"{scheme}://{rest}"
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def load_secret_key(settings: Settings) -> bytes:

@@ -4,7 +4,9 @@ Table-driven: every attack is sent as raw bytes (so nothing normalises it on
 the way) to a real gateway whose rules ALLOW some writes with wildcards
 (tests/data/rules_attack). Each must end held (202), denied (403) or refused
 (4xx), and the stateful upstream must show that no money moved: no refund on
-the charge, and no write request received at all.
+the charge, and no write request received at all — except where the rules read a
+value exactly as Stripe does and allow it (``amount=-500`` is the integer -500): then
+Stripe's own refusal is the end, and still no money moves.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Attack:
     body: str | bytes | None = REFUND
     content_type: str | None = FORM
     headers: tuple[tuple[str, str], ...] = ()
+    # The rules read it as Stripe does and allow it; Stripe itself refuses it.
+    stripe_refuses: bool = False
 
     def request(self, charge: str) -> bytes:
         headers = [AUTH, *self.headers]
@@ -120,6 +124,9 @@ def _params() -> list[Attack]:
         ("leading-zero", "0500"),
         ("leading-zeros", "05000"),
         ("exponent", "5e2"),
+        ("decimal", "500.0"),
+        ("decimal-zeros", "500.00"),
+        ("decimal-zero", "0.0"),
         ("fullwidth-digits", "%EF%BC%95%EF%BC%90%EF%BC%90"),
         ("devanagari-digits", "%E0%A5%AB%E0%A5%A6%E0%A5%A6"),
         ("huge", "9" * 400),
@@ -152,6 +159,15 @@ def _params() -> list[Attack]:
             Attack("split-query-dup", "/v1/refunds?amount=500", BAD),
             Attack("all-in-query", "/v1/refunds?charge={ch}&amount=500", BAD, body=None),
             Attack("bad-utf8", "/v1/refunds", BAD, body=b"charge=\xff&amount=500"),
+            # "-500" IS an integer, so it passes 'amount: {lte: 1000}' as -500, exactly as
+            # Stripe reads it; Stripe refuses a negative refund, so no money moves.
+            Attack(
+                "number-negative",
+                "/v1/refunds",
+                BAD,
+                body="charge={ch}&amount=-500",
+                stripe_refuses=True,
+            ),
             Attack(
                 "json-to-v1",
                 "/v1/refunds",
@@ -262,6 +278,14 @@ def no_money_moved(upstream: Upstream, charge: str) -> None:
     assert writes == [], writes
 
 
+def stripe_refused(upstream: Upstream, charge: str) -> None:
+    """No refund on the charge; the one write the upstream received, it refused."""
+    assert [r for r in upstream.refunds(charge) if r["charge"] == charge] == []
+    writes = [r for r in upstream.requests() if r["method"] not in ("GET", "HEAD")]
+    assert [(w["method"], w["path"]) for w in writes] == [("POST", "/v1/refunds")], writes
+    assert 400 <= writes[0]["status"] < 500, writes
+
+
 @pytest.mark.parametrize("attack", ATTACKS, ids=[a.id for a in ATTACKS])
 def test_attack_ends_held_denied_or_refused(
     gw: GatewayThread, upstream: Upstream, attack: Attack
@@ -275,8 +299,13 @@ def test_attack_ends_held_denied_or_refused(
             assert body["object"] == "cosigner.action" and body["status"] == "awaiting_approval"
             assert body["path"] == "/v1/refunds"
         else:
-            assert set(body["error"]) >= {"type", "code", "message"}
-    no_money_moved(upstream, charge)
+            # The gateway's own refusals carry a code; Stripe's pass through as it wrote them.
+            fields = {"type", "message"} if attack.stripe_refuses else {"type", "code", "message"}
+            assert set(body["error"]) >= fields
+    if attack.stripe_refuses:
+        stripe_refused(upstream, charge)
+    else:
+        no_money_moved(upstream, charge)
 
 
 def test_the_attack_rules_do_allow_writes(gw: GatewayThread, upstream: Upstream) -> None:

@@ -86,7 +86,7 @@ class Receiver:
         self._thread.join(10)
         self._loop.close()
 
-    def wait_for(self, n: int, timeout: float = 15) -> list[Received]:
+    def wait_for(self, n: int, timeout: float = 30) -> list[Received]:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -138,7 +138,7 @@ def outbox_status(gw: GatewayThread, action_id: str) -> list[str]:
     return [i.status for i in items if i.kind == "callback"]
 
 
-def wait_outbox(gw: GatewayThread, action_id: str, status: str, timeout: float = 15) -> None:
+def wait_outbox(gw: GatewayThread, action_id: str, status: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while outbox_status(gw, action_id) != [status]:
         assert time.monotonic() < deadline, outbox_status(gw, action_id)

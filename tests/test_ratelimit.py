@@ -186,12 +186,62 @@ def test_review_pages_and_login_are_limited_per_address(
         assert 429 not in statuses
         limited = _get(gw, path, None)
         assert limited.status_code == 429
-        assert limited.json()["error"]["type"] == "rate_limit_error"
         assert int(limited.headers["Retry-After"]) > 60
         # The pages' bucket is the address's: the other page is limited too, the API is not.
         other = "/dashboard/login" if path.startswith("/review/") else "/review/x"
         assert _get(gw, other, None).status_code == 429
         assert _get(gw, "/v1/balance").status_code == 200
+
+
+def _limited_page(resp: requests.Response) -> int:
+    """Check a 429 is a page for people saying how long to wait; return that wait."""
+    assert resp.status_code == 429
+    assert resp.headers["Content-Type"].startswith("text/html")
+    assert resp.headers["X-Frame-Options"] == "DENY"  # a page like every other page
+    seconds = int(resp.headers["Retry-After"])
+    text = _visible_text(resp.text)
+    assert "Too many requests" in text
+    assert re.search(rf"Please wait {seconds} seconds?\b", text), text
+    return seconds
+
+
+def _visible_text(html: str) -> str:
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+@pytest.mark.parametrize("path", ["/review/not-a-token", "/dashboard/login"])
+def test_a_limited_page_answers_with_a_page(tmp_path: Path, fake_stripe: str, path: str) -> None:
+    with _gateway(tmp_path, fake_stripe, rate_limit_pages="1/h burst 1") as gw:
+        assert _get(gw, path, None).status_code != 429
+        assert 3000 < _limited_page(_get(gw, path, None)) <= 3600
+        posted = requests.post(gw.url + path, data={"decision": "approve"}, timeout=30)
+        assert _limited_page(posted) > 3000
+        assert "(about 60 minutes)" in _visible_text(posted.text)
+
+
+def test_a_short_wait_is_said_in_seconds_only(tmp_path: Path, fake_stripe: str) -> None:
+    with _gateway(tmp_path, fake_stripe, rate_limit_pages="1/m burst 1") as gw:
+        assert _get(gw, "/dashboard/login", None).status_code == 200
+        resp = _get(gw, "/dashboard/login", None)
+        assert 1 <= _limited_page(resp) <= 60
+        assert "(about" not in resp.text
+
+
+def test_a_locked_out_dashboard_answers_with_a_page_and_the_api_in_json(
+    tmp_path: Path, fake_stripe: str
+) -> None:
+    with _gateway(tmp_path, fake_stripe, rate_limit_signin_failures="1/h burst 1") as gw:
+        bad = {"Authorization": "Bearer not-the-admin-token"}
+        assert _get(gw, "/cosigner/v1/actions", None, headers=bad).status_code == 401
+        page = _get(gw, "/dashboard/actions", None)
+        assert _limited_page(page) > 3000
+        assert "failed sign-ins" in _visible_text(page.text)
+        api = _get(gw, "/cosigner/v1/actions", None, headers=bad)
+        assert api.status_code == 429
+        assert api.headers["Content-Type"].startswith("application/json")
+        assert api.json()["error"]["type"] == "rate_limit_error"
+        assert api.json()["error"]["code"] == "rate_limit"
+        assert api.headers["Retry-After"] == page.headers["Retry-After"]
 
 
 def test_failed_sign_ins_lock_the_address_out_for_a_while(tmp_path: Path, fake_stripe: str) -> None:

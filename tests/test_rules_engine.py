@@ -54,9 +54,7 @@ OPERATOR_CASES = [
     # eq, and a bare value meaning eq: numeric when both sides are numbers
     ("{amount: {eq: 5000}}", {"amount": "5000"}, True),
     ("{amount: 5000}", {"amount": "5000"}, True),
-    ("{amount: 5000}", {"amount": "5000.0"}, True),
     ("{amount: 5000}", {"amount": 5000}, True),
-    ("{amount: 5000}", {"amount": 5000.0}, True),
     ("{amount: 5000}", {"amount": "5001"}, False),
     ("{amount: 5000}", {"amount": "05000"}, False),
     ("{amount: '5000'}", {"amount": "5000"}, True),
@@ -90,6 +88,9 @@ OPERATOR_CASES = [
     ("{amount: {gte: -1}}", {"amount": "-1"}, True),
     ("{amount: {lte: 10.5}}", {"amount": "10.50"}, True),
     ("{amount: {lte: 10.5}}", {"amount": "10.51"}, False),
+    ("{amount: {lte: 10.5}}", {"amount": "10"}, True),  # an integer is a decimal too
+    ("{amount: {lte: 10.5}}", {"amount": 10}, True),
+    ("{amount: {lte: 10.0}}", {"amount": "10.00"}, True),
     ("{amount: {gte: 100, lte: 5000}}", {"amount": "100"}, True),
     ("{amount: {gte: 100, lte: 5000}}", {"amount": "99"}, False),
     ("{amount: {gte: 100, lte: 5000}}", {"amount": "5001"}, False),
@@ -98,8 +99,8 @@ OPERATOR_CASES = [
     ("{currency: {in: [usd, eur]}}", {"currency": "gbp"}, False),
     ("{currency: {in: [usd, eur]}}", {}, False),
     ("{amount: {in: [100, 200]}}", {"amount": "200"}, True),
-    ("{amount: {in: [100, 200]}}", {"amount": "200.0"}, True),
     ("{amount: {in: [100, 200]}}", {"amount": "0200"}, False),
+    ("{amount: {in: [0.5, 1.5]}}", {"amount": "1.50"}, True),
     ("{currency: {not_in: [usd]}}", {"currency": "eur"}, True),
     ("{currency: {not_in: [usd]}}", {"currency": "usd"}, False),
     ("{currency: {not_in: [usd]}}", {}, False),
@@ -132,7 +133,32 @@ OPERATOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("condition", "params", "expected"), OPERATOR_CASES)
+# Against an integer operand only a strict integer compares, as Stripe reads an integer
+# field: a decimal ("500.0", or a JSON 500.0) satisfies no operator, ne and not_in
+# included. A negative integer is an integer: it compares as itself.
+INTEGER_CASES = [
+    ("{amount: 5000}", {"amount": "5000.0"}, False),
+    ("{amount: 5000}", {"amount": 5000.0}, False),
+    ("{amount: {lte: 1000}}", {"amount": "500.0"}, False),
+    ("{amount: {lte: 1000}}", {"amount": "500.00"}, False),
+    ("{amount: {lte: 1000}}", {"amount": 500.0}, False),
+    ("{amount: {lte: 1000}}", {"amount": "5e2"}, False),
+    ("{amount: {lte: 1000}}", {"amount": "0.0"}, False),
+    ("{amount: {lte: 1000}}", {"amount": "-500"}, True),
+    ("{amount: {lte: 1000}}", {"amount": -500}, True),
+    ("{amount: {gte: 1}}", {"amount": "-500"}, False),
+    ("{amount: {gt: 100}}", {"amount": "500.5"}, False),
+    ("{amount: {ne: 5000}}", {"amount": "500.0"}, False),
+    ("{amount: {ne: 0}}", {"amount": "0.0"}, False),
+    ("{amount: {in: [100, 200]}}", {"amount": "200.0"}, False),
+    ("{amount: {not_in: [5000]}}", {"amount": "500.0"}, False),
+    ("{amount: {in: ['500', usd]}}", {"amount": "500.0"}, False),
+    ("{amount: {in: [100, 200]}}", {"amount": "200"}, True),
+    ("{currency: {ne: 5}}", {"currency": "usd"}, True),  # not a number: compared as text
+]
+
+
+@pytest.mark.parametrize(("condition", "params", "expected"), OPERATOR_CASES + INTEGER_CASES)
 def test_operator(condition: str, params: dict[str, Any], expected: bool) -> None:
     assert holds(when(condition), params) is expected
 
@@ -164,9 +190,23 @@ def test_strict_numbers_only(value: str, op: str) -> None:
     assert not holds(when(f"{{amount: {{{op}: 5000}}}}"), {"amount": value})
 
 
-@pytest.mark.parametrize("value", ["0", "-0", "4999", "4999.99", "-5", "5000", "5000.000"])
-def test_canonical_numbers_compare(value: str) -> None:
+@pytest.mark.parametrize("value", ["0", "-0", "4999", "-5", "5000"])
+def test_canonical_integers_compare(value: str) -> None:
     assert holds(when("{amount: {lte: 5000}}"), {"amount": value})
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "4999", "4999.99", "-5", "5000", "5000.000"])
+def test_canonical_decimals_compare_with_a_decimal_operand(value: str) -> None:
+    assert holds(when("{amount: {lte: 5000.0}}"), {"amount": value})
+    if "." in value:  # the same decimal against an integer operand: not comparable
+        assert not holds(when("{amount: {lte: 5000}}"), {"amount": value})
+
+
+def test_an_integer_mismatch_is_explained() -> None:
+    ruleset = when("{amount: {lte: 1000}}")
+    explanation = ruleset.explain(request(amount="500.0"))
+    assert explanation.decision.action == "hold"
+    assert "amount 500.0 is not an integer (needed for lte 1000)" in explanation.render()
 
 
 def test_huge_numbers_still_compare() -> None:
@@ -181,12 +221,17 @@ def test_integer_strings_compare_like_integers(amount: int, limit: int) -> None:
 
 
 _STRIPE_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
-_EITHER_SIDE = (when("{amount: {lte: 0}}"), when("{amount: {gt: 0}}"))
+_STRIPE_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
+_EITHER_SIDE_OF_ZERO = (when("{amount: {lte: 0}}"), when("{amount: {gt: 0}}"))
+_EITHER_SIDE_OF_DECIMAL_ZERO = (when("{amount: {lte: 0.0}}"), when("{amount: {gt: 0.0}}"))
 
 
 @given(st.text(alphabet=st.sampled_from("0123456789-+.e x\x00٥"), max_size=8) | st.text())
 def test_a_string_is_a_number_only_in_strict_form(value: str) -> None:
-    on_one_side = any(holds(ruleset, {"amount": value}) for ruleset in _EITHER_SIDE)
+    on_one_side = any(holds(ruleset, {"amount": value}) for ruleset in _EITHER_SIDE_OF_ZERO)
+    assert on_one_side is (_STRIPE_INTEGER.fullmatch(value) is not None)
+    rulesets = _EITHER_SIDE_OF_DECIMAL_ZERO
+    on_one_side = any(holds(ruleset, {"amount": value}) for ruleset in rulesets)
     assert on_one_side is (_STRIPE_NUMBER.fullmatch(value) is not None)
 
 

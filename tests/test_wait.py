@@ -90,15 +90,15 @@ def test_approval_during_the_wait_returns_stripes_refund(gw: GatewayThread, upst
     started = time.monotonic()
     refund = agent(gw).v1.refunds.create(
         params={"charge": charge["id"], "amount": 4999},
-        options={"headers": {"Cosigner-Wait": "10"}},
+        options={"headers": {"Cosigner-Wait": "60"}},
     )
     elapsed = time.monotonic() - started
-    assert decided.result(10).status_code == 200
+    assert decided.result(30).status_code == 200
     assert isinstance(refund, stripe.Refund)
     assert refund.amount == 4999 and refund.charge == charge["id"] and refund.status == "succeeded"
     assert refund.last_response.code == 200
     assert refund.last_response.headers["Cosigner-Action"] == held_ids(gw)[0]
-    assert elapsed < 10
+    assert elapsed < 45  # answered by the decision, well before the wait ran out
     (stored,) = [r for r in upstream.refunds(charge["id"]) if r["charge"] == charge["id"]]
     assert stored["id"] == refund.id
 
@@ -113,7 +113,8 @@ def test_no_decision_within_the_wait_answers_202_after_n_seconds(
         options={"headers": {"Cosigner-Wait": "2"}},
     )
     elapsed = time.monotonic() - started
-    assert 1.0 <= elapsed <= 3.0, elapsed
+    # Not before the 2 s asked for; the upper bound only leaves room for a loaded machine.
+    assert 1.9 <= elapsed <= 12.0, elapsed
     assert held.last_response.code == 202
     assert held["object"] == "cosigner.action" and held["status"] == "awaiting_approval"
     assert "Cosigner-Wait" in held["message"]
@@ -127,10 +128,10 @@ def test_rejection_during_the_wait_is_403(gw: GatewayThread, upstream: Any) -> N
     with pytest.raises(stripe.PermissionError) as err:
         agent(gw).v1.refunds.create(
             params={"charge": charge["id"], "amount": 1500},
-            options={"headers": {"Cosigner-Wait": "20"}},
+            options={"headers": {"Cosigner-Wait": "60"}},
         )
-    assert time.monotonic() - started < 15
-    assert decided.result(10).status_code == 200
+    assert time.monotonic() - started < 45
+    assert decided.result(30).status_code == 200
     assert err.value.json_body["error"]["code"] == "cosigner_rejected"
     assert [r for r in upstream.refunds(charge["id"]) if r["charge"] == charge["id"]] == []
 
@@ -141,11 +142,11 @@ def test_expiry_during_the_wait_is_403_expired(gw: GatewayThread, upstream: Any)
     with pytest.raises(stripe.PermissionError) as err:
         agent(gw).v1.refunds.create(
             params={"charge": charge["id"], "amount": 300, "metadata": {"expire": "fast"}},
-            options={"headers": {"Cosigner-Wait": "20"}},
+            options={"headers": {"Cosigner-Wait": "60"}},
         )
     assert err.value.json_body["error"]["code"] == "cosigner_expired"
     # The action lives 1 s; the waiter wakes at its expiry, not at the end of the wait.
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30
 
 
 def test_resending_with_the_same_key_waits_for_the_outcome(
@@ -159,18 +160,18 @@ def test_resending_with_the_same_key_waits_for_the_outcome(
     decided = decide_while_waiting(gw, "approve", after=0.5)
     refund = client.v1.refunds.create(
         params=params,
-        options={"idempotency_key": "wait-resend", "headers": {"Cosigner-Wait": "15"}},
+        options={"idempotency_key": "wait-resend", "headers": {"Cosigner-Wait": "60"}},
     )
-    assert decided.result(10).status_code == 200
+    assert decided.result(30).status_code == 200
     assert isinstance(refund, stripe.Refund) and refund.amount == 2000
     # A different body under the same key is refused at once, not after the wait.
     started = time.monotonic()
     with pytest.raises(stripe.IdempotencyError):
         client.v1.refunds.create(
             params={"charge": charge["id"], "amount": 2100},
-            options={"idempotency_key": "wait-resend", "headers": {"Cosigner-Wait": "15"}},
+            options={"idempotency_key": "wait-resend", "headers": {"Cosigner-Wait": "60"}},
         )
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30
 
 
 def test_the_wait_is_capped_by_max_wait(tmp_path: Path, fake_stripe: str, upstream: Any) -> None:
@@ -185,7 +186,8 @@ def test_the_wait_is_capped_by_max_wait(tmp_path: Path, fake_stripe: str, upstre
         )
         elapsed = time.monotonic() - started
         assert resp.status_code == 202 and resp.json()["status"] == "awaiting_approval"
-        assert 0.5 <= elapsed <= 2.5, elapsed
+        # Capped at 1 s, not the 30 asked for; room above for a loaded machine.
+        assert 0.9 <= elapsed <= 12.0, elapsed
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "1.5", "", "1e3", "²", "5 5", "99999999"])

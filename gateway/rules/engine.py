@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -22,6 +22,8 @@ OpKind = Literal["eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "exists",
 Number = int | Decimal
 
 READ_METHODS = frozenset({"GET", "HEAD"})
+# The methods a canonical request can have (gateway.canonical.METHODS): rules are indexed by them.
+INDEXED_METHODS = ("GET", "HEAD", "POST", "DELETE")
 DEFAULT_EXPIRES_AFTER = 86400
 
 # Stripe's own parse of a number: no sign but '-', no spaces, no leading zeros, no hex,
@@ -211,15 +213,30 @@ class RuleSet:
     default_read: ActionKind = "allow"
     default_write: ActionKind = "hold"
     defaults_source: str | None = None  # the file that declared the defaults, if any
+    # Built once: per method, the rules that can match it (in order) and the default decision.
+    _by_method: dict[str, tuple[CompiledRule, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+    _defaults: dict[str, Decision] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        for method in INDEXED_METHODS:
+            self._by_method[method] = tuple(
+                rule for rule in self.rules if rule.methods is None or method in rule.methods
+            )
+            self._defaults[method] = self._default_decision(method)
 
     def decide(self, req: RuleRequest, usage: Mapping[str, BudgetUsage] | None = None) -> Decision:
         """The first matching rule's decision, or the default one."""
         method = req.method.upper()
-        for rule in self.rules:
+        # A rule for other methods would miss on the method: only these can match.
+        for rule in self._by_method.get(method, self.rules):
             outcome = _evaluate(rule, req, method, usage, verbose=False)
             if outcome.matched:
                 return _rule_decision(rule, outcome)
-        return self._default_decision(method)
+        return self._defaults.get(method) or self._default_decision(method)
 
     def explain(
         self, req: RuleRequest, usage: Mapping[str, BudgetUsage] | None = None
@@ -418,6 +435,12 @@ def _test(cond: Condition, present: bool, value: Any) -> tuple[bool, str]:
         ok = cond.regex.fullmatch(value) is not None
     else:
         number = to_number(value)
+        # Stripe reads an integer field only in integer form: to it "500.0" is no 500 (it
+        # refuses the request), so against an integer operand a decimal value satisfies no
+        # operator, ne and not_in included. "-500" is an integer and compares as -500;
+        # where a negative amount is invalid, Stripe refuses it.
+        if number is not None and not _is_integer(value, number) and _integral(cond):
+            return False, f"{field} {shown} is not an integer (needed for {cond.describe()})"
         if op in ("lt", "lte", "gt", "gte"):
             if number is None:
                 return False, f"{field} {shown} is not a number (needed for {cond.describe()})"
@@ -439,6 +462,17 @@ def _test(cond: Condition, present: bool, value: Any) -> tuple[bool, str]:
     if ok:
         return True, f"{field} {shown} {cond.describe()}"
     return False, f"{field} {shown} is not {cond.describe()}"
+
+
+def _is_integer(value: object, number: Number) -> bool:
+    """Is this number (``to_number(value)``) written as a strict integer?"""
+    # A string without '.' that to_number accepted is an integer, even one too long for int.
+    return type(number) is int or (isinstance(value, str) and "." not in value)
+
+
+def _integral(cond: Condition) -> bool:
+    """Does the condition name an integer (``lte: 1000``), not a decimal (``lte: 0.5``)?"""
+    return any(type(operand.number) is int for operand in cond.operands)
 
 
 def _fit_budget(

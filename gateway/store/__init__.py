@@ -16,4 +16,6 @@ def store_from_url(url: str, *, clock: Callable[[], float] | None = None) -> Sto
         from gateway.store.postgres import PostgresStore  # asyncpg only when it is used
 
         return PostgresStore.from_url(url, clock=clock)
-    raise ValueError(f"COSIGNER_DATABASE must start with sqlite:/// or postgresql://, not {url!r}")
+    # SECURITY: only the scheme is repeated: the rest of the URL may hold a password.
+    scheme = url.partition("://")[0] + "://" if "://" in url else "a value without a scheme"
+    raise ValueError(f"COSIGNER_DATABASE must start with sqlite:/// or postgresql://, not {scheme}")

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from gateway.errors import RateLimited
 from gateway.keys import CLOCK, SETTINGS
 from gateway.store.base import ActionRecord
 from gateway.templating import render
@@ -87,6 +88,21 @@ def message(
         tone=tone,
         action=action,
         **context,
+    )
+
+
+def too_many_requests(request: web.Request, exc: RateLimited) -> web.Response:
+    """The rate limiter's 429 as a page: why, and how long to wait (also in Retry-After)."""
+    seconds = exc.retry_after
+    wait = f"{seconds} second{'' if seconds == 1 else 's'}"
+    if seconds >= 120:
+        wait += f" (about {round(seconds / 60)} minutes)"
+    return message(
+        request,
+        429,
+        "Too many requests",
+        f"{exc.reason} Please wait {wait}, then try again.",
+        headers={"Retry-After": str(seconds)},
     )
 
 

@@ -91,7 +91,7 @@ class GatewayThread:
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", **kwargs.pop("headers", {})}
         return requests.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
 
-    def wait_status(self, action_id: str, statuses: set[str], timeout: float = 15) -> Any:
+    def wait_status(self, action_id: str, statuses: set[str], timeout: float = 30) -> Any:
         """Poll the store until the action reaches one of ``statuses``."""
         deadline = time.monotonic() + timeout
         while True:
@@ -145,7 +145,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = cwd / "gateway.log"
 
-    def start(self, timeout: float = 20) -> GatewayProcess:
+    def start(self, timeout: float = 30) -> GatewayProcess:
         """Start and wait for /healthz."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

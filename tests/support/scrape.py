@@ -32,7 +32,7 @@ def wait_metric(
     base_url: str,
     name: str,
     ok: Callable[[float], bool],
-    timeout: float = 15,
+    timeout: float = 30,
     **labels: str,
 ) -> Samples:
     """Scrape until ``ok(value)``; fail after ``timeout`` seconds."""
