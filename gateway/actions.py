@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import secrets
-import string
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from gateway.canonical import CanonicalRequest, with_params
 from gateway.crypto import Keyring
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.forwarder import Attempt, Forwarder, ForwardFailed, Outbound, UpstreamResponse
+from gateway.ids import new_id
 from gateway.notify import Notifier
 from gateway.rules import Decision
 from gateway.store.base import (
@@ -50,21 +49,7 @@ CREDENTIAL_PURPOSE = "held-credential"
 # it and for clock skew between replicas. After a crash, another replica (or the
 # restarted one) resumes the forward once FORWARD_TIMEOUT + this has passed.
 LEASE_MARGIN = 5.0
-_ALPHABET = string.ascii_letters + string.digits
-_UNBIASED = 256 - 256 % len(_ALPHABET)  # 248: the bytes that map evenly onto the alphabet
 KEPT_RESPONSE_HEADERS = ("Request-Id", "Content-Type", "Idempotent-Replayed", "Stripe-Version")
-
-
-def new_id(prefix: str, length: int = 16) -> str:
-    """``act_3QxKf0Yt9dWm2LbA``-style random ids."""
-    chars: list[str] = []
-    while len(chars) < length:
-        # One read of the system's randomness, not one per character. Bytes from _UNBIASED
-        # up are skipped, so that every character stays exactly as likely.
-        chars += [
-            _ALPHABET[b % len(_ALPHABET)] for b in secrets.token_bytes(length + 8) if b < _UNBIASED
-        ]
-    return prefix + "".join(chars[:length])
 
 
 def request_hash(req: CanonicalRequest) -> str:

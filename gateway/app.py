@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -18,6 +17,7 @@ from gateway.callbacks import CallbackSender, callback_secret, callback_session
 from gateway.crypto import Keyring
 from gateway.errors import CosignerError, error_from_http, error_response
 from gateway.forwarder import Forwarder
+from gateway.ids import request_id
 from gateway.logs import log_request, loggable_path
 from gateway.mail import Mailer, MailOutbox, mailer_from_settings
 from gateway.metrics import Metrics
@@ -42,7 +42,7 @@ RESERVED_PREFIXES = ("/cosigner/", "/dashboard", "/review/", "/healthz", "/ready
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one place errors become answers: Stripe's shape, a request id, one log line."""
-    info = keys.RequestInfo("req_" + secrets.token_urlsafe(12))
+    info = keys.RequestInfo(request_id())
     request[keys.INFO] = info
     started = time.perf_counter()
     try:

@@ -1,0 +1,284 @@
+"""The request path made cheap, answering exactly as before: ids, keys, rules, logs, runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import multiprocessing
+import re
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway import ids, runtime
+from gateway.canonical import read_request
+from gateway.crypto import Keyring
+from gateway.errors import InvalidRequest, MethodNotAllowed
+from gateway.forwarder import response_headers
+from gateway.logs import JsonFormatter, TextFormatter
+from gateway.rules import RuleRequest, RuleSet, parse_rules
+
+# --- ids --------------------------------------------------------------------------------
+
+
+def test_request_ids_look_as_before_and_do_not_repeat() -> None:
+    made = [ids.request_id() for _ in range(20_000)]  # several refills of the buffer
+    assert len(set(made)) == len(made)
+    assert all(re.fullmatch(r"req_[A-Za-z0-9_-]{16}", rid) for rid in made)
+
+
+def test_object_ids_use_every_character_evenly() -> None:
+    made = [ids.new_id("act_") for _ in range(20_000)]
+    assert len(set(made)) == len(made)
+    assert all(re.fullmatch(r"act_[A-Za-z0-9]{16}", aid) for aid in made)
+    counts = Counter("".join(aid[4:] for aid in made))
+    assert len(counts) == 62
+    # 320,000 characters, 5,161 expected each: a biased mapping (b % 62 over all 256 byte
+    # values) would give the first 8 characters 5,333 and the rest 5,120 on average.
+    assert max(counts.values()) - min(counts.values()) < 700
+    assert ids.new_id("x_", 40)[2:].isalnum() and len(ids.new_id("x_", 40)) == 42
+
+
+def _child_ids(queue: multiprocessing.Queue[list[str]]) -> None:
+    queue.put([ids.request_id() for _ in range(5)])
+
+
+def test_a_forked_child_never_hands_out_the_parents_bytes() -> None:
+    ids.request_id()  # the parent's buffer is filled: a fork copies it
+    context = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[list[str]] = context.Queue()
+    child = context.Process(target=_child_ids, args=(queue,))
+    child.start()
+    try:
+        theirs = queue.get(timeout=30)
+    finally:
+        child.join(timeout=30)
+    ours = [ids.request_id() for _ in range(5)]
+    assert not set(ours) & set(theirs)
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+def test_cached_purpose_keys_seal_open_and_rotate_as_before() -> None:
+    old, new = b"o" * 32, b"n" * 32
+    before = Keyring(old)
+    sealed = before.seal("held-credential", b"sk_test_1", b"act_1")
+    mac = before.mac("review", b"payload")
+    for _ in range(2):  # the second time from the cached keys
+        assert before.open("held-credential", sealed, b"act_1") == b"sk_test_1"
+        assert before.mac("review", b"payload") == mac
+    rotated = Keyring(new, [old])
+    assert rotated.open("held-credential", sealed, b"act_1") == b"sk_test_1"
+    assert rotated.verify_mac("review", b"payload", mac)
+    assert rotated.mac("review", b"payload") != mac
+    assert rotated.key("review") != before.key("review") != before.key("other")
+    with pytest.raises(ValueError):
+        rotated.open("held-credential", sealed, b"act_2")  # bound to its row
+    with pytest.raises(ValueError):
+        Keyring(new).open("held-credential", sealed, b"act_1")
+
+
+# --- rules ------------------------------------------------------------------------------
+
+RULES = textwrap.dedent(
+    """
+    version: 1
+    defaults: {read: allow, write: hold}
+    rules:
+      - name: refunds-small
+        match: {method: POST, path: /v1/refunds}
+        when: {amount: {lte: 100}}
+        action: allow
+      - name: no-deletes
+        match: {method: [DELETE, HEAD], path: /v1/**}
+        action: deny
+      - name: any-method-secret
+        match: {path: /v1/secret/**}
+        action: deny
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "rule"),
+    [
+        ("GET", "/v1/charges/ch_1", {}, "defaults.read"),
+        ("get", "/v1/charges/ch_1", {}, "defaults.read"),
+        ("HEAD", "/v1/charges/ch_1", {}, "no-deletes"),
+        ("GET", "/v1/secret/x", {}, "any-method-secret"),
+        ("POST", "/v1/refunds", {"amount": "50"}, "refunds-small"),
+        ("post", "/v1/refunds", {"amount": "500"}, "defaults.write"),
+        ("DELETE", "/v1/customers/cus_1", {}, "no-deletes"),
+        ("PATCH", "/v1/secret/x", {}, "any-method-secret"),
+        ("PATCH", "/v1/refunds", {"amount": "50"}, "defaults.write"),
+    ],
+)
+def test_rules_indexed_by_method_decide_what_every_rule_in_order_decides(
+    method: str, path: str, params: dict[str, Any], rule: str
+) -> None:
+    ruleset = parse_rules({"10-test.yaml": RULES})
+    req = RuleRequest(method, path, params)
+    decision = ruleset.decide(req)
+    assert decision.rule == rule
+    # explain() walks every rule in order with no index: the same decision, reason and all.
+    assert ruleset.explain(req).decision == decision
+    assert ruleset.decide(req) == decision  # the cached default is the same answer again
+
+
+def test_an_empty_rule_set_still_has_its_defaults() -> None:
+    assert RuleSet().decide(RuleRequest("GET", "/v1/x", {})).action == "allow"
+    assert RuleSet().decide(RuleRequest("DELETE", "/v1/x", {})).action == "hold"
+    assert RuleSet() == RuleSet()
+
+
+# --- canonical reading --------------------------------------------------------------------
+
+
+def test_a_plain_read_is_read_as_before() -> None:
+    req = read_request("GET", "/v1/charges/ch_1/", None, b"")
+    assert (req.method, req.path, req.query, req.params, req.body) == (
+        "GET",
+        "/v1/charges/ch_1",
+        "",
+        {},
+        b"",
+    )
+    assert read_request("get", "/v1/charges", None, b"").method == "GET"
+    with pytest.raises(MethodNotAllowed):
+        read_request("PATCH", "/v1/charges", None, b"")
+    with pytest.raises(InvalidRequest):
+        read_request("G T", "/v1/charges", None, b"")
+
+
+def test_parameters_in_one_place_are_read_whole() -> None:
+    form = "application/x-www-form-urlencoded"
+    post = read_request("POST", "/v1/refunds", form, b"charge=ch_1&metadata[k]=v")
+    assert post.params == {"charge": "ch_1", "metadata": {"k": "v"}}
+    get = read_request("GET", "/v1/charges?limit=3&expand[]=data.customer", None, b"")
+    assert get.params == {"limit": "3", "expand": ["data.customer"]}
+
+
+# --- upstream headers -------------------------------------------------------------------
+
+
+def test_hop_by_hop_headers_go_in_any_case_and_the_rest_stay_in_order() -> None:
+    upstream = CIMultiDictProxy(
+        CIMultiDict(
+            [
+                ("Server", "nginx"),
+                ("content-type", "application/json"),
+                ("CONTENT-LENGTH", "10"),
+                ("Set-Cookie", "a=1"),
+                ("Transfer-Encoding", "chunked"),
+                ("Set-Cookie", "b=2"),
+                ("connection", "keep-alive"),
+                ("Request-Id", "req_1"),
+                ("Keep-Alive", "timeout=5"),
+                ("Date", "today"),
+            ]
+        )
+    )
+    out = response_headers(upstream)
+    assert list(out.items()) == [
+        ("content-type", "application/json"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("Request-Id", "req_1"),
+    ]
+
+
+# --- the access line ----------------------------------------------------------------------
+
+
+def _record(**extra: Any) -> logging.LogRecord:
+    return logging.getLogger("cosigner.access").makeRecord(
+        "cosigner.access", logging.INFO, __file__, 1, "request", (), None, extra=extra
+    )
+
+
+def test_the_access_line_reads_as_the_format_string_would_write_it() -> None:
+    fields = {"request_id": "req_1", "agent": "ops team", "status": 200, "upstream_status": None}
+    record = _record(fields=fields)
+    line = TextFormatter().format(record)
+    plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s").format(record)
+    assert line == f'{plain} request_id=req_1 agent="ops team" status=200 upstream_status=-'
+    # Records without fields, or with arguments, go the general way.
+    assert TextFormatter().format(_record()) == logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s"
+    ).format(_record())
+
+
+def test_timestamps_follow_the_clock_across_seconds() -> None:
+    text, json_ = TextFormatter(), JsonFormatter()
+    for created in (1_700_000_000.25, 1_700_000_000.75, 1_700_000_001.5, 1_699_999_999.0):
+        record = _record(fields={"status": 200})
+        record.created, record.msecs = created, (created % 1) * 1000
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
+        assert text.format(record).startswith(f"{stamp},{int(record.msecs):03d} INFO ")
+        utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        assert f'"ts": "{utc}.{int(record.msecs):03d}Z"' in json_.format(record)
+
+
+# --- how cosigner serve runs ----------------------------------------------------------------
+
+
+@pytest.fixture
+def collector() -> Iterator[None]:
+    """The collector as the test found it, afterwards."""
+    threshold = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+async def test_startup_freezes_what_it_made_and_raises_the_young_threshold(
+    collector: None,
+) -> None:
+    kept = [object() for _ in range(10)]
+    await runtime.settle_collector(web.Application())
+    assert gc.get_freeze_count() > len(kept)
+    assert gc.get_threshold()[0] == runtime.YOUNG_THRESHOLD
+
+
+def test_the_event_loop_is_uvloop_when_installed_unless_asked_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("uvloop")
+    for choice, module in (("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")):
+        loop = runtime.new_event_loop(choice)  # type: ignore[arg-type]
+        try:
+            assert type(loop).__module__.partition(".")[0] == module
+        finally:
+            loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    loop = runtime.new_event_loop("auto")
+    try:
+        assert isinstance(loop, asyncio.BaseEventLoop)
+    finally:
+        loop.close()
+    with pytest.raises(SystemExit, match="uvloop is not installed"):
+        runtime.new_event_loop("uvloop")
+
+
+def test_serve_runs_on_uvloop_with_a_frozen_collector(tmp_path: Path) -> None:
+    """``cosigner serve`` itself, as a process: what /proc says it loaded."""
+    pytest.importorskip("uvloop")
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc")
+    from tests.support.gateway import GatewayProcess, gateway_env
+
+    with GatewayProcess(gateway_env(tmp_path), tmp_path) as gw:
+        maps = Path(f"/proc/{gw.pid}/maps").read_text()
+    assert "uvloop" in maps
