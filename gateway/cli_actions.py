@@ -23,7 +23,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,7 +33,7 @@ from gateway.errors import CosignerError
 from gateway.forwarder import Forwarder
 from gateway.notify import Notifier
 from gateway.settings import SECRET_FILE_NAME, Settings, load_secret_key
-from gateway.store import store_from_url
+from gateway.store import existing_store
 from gateway.store.base import STATUSES, ActionFilter, ActionRecord, EventRecord, Store
 from gateway.tasks import TaskSet
 from gateway.views import action_object
@@ -87,16 +86,8 @@ def _keyring(settings: Settings) -> Keyring:
 
 @asynccontextmanager
 async def _session(settings: Settings) -> AsyncIterator[Session]:
-    if settings.database.startswith("sqlite:///"):
-        path = Path(settings.database.removeprefix("sqlite:///")).expanduser()
-        if not path.exists():
-            # Opening would create an empty database: almost certainly the wrong folder.
-            raise CliError(
-                f"no database at {path.resolve()} (COSIGNER_DATABASE={settings.database}); "
-                "run this where `cosigner serve` runs, or set COSIGNER_DATABASE"
-            )
     try:
-        store = store_from_url(settings.database)
+        store = existing_store(settings.database)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     await store.open()

@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from gateway.agents import (
@@ -30,7 +29,7 @@ from gateway.agents import (
 )
 from gateway.crypto import Keyring, mask_key
 from gateway.settings import SECRET_FILE_NAME, Settings, load_secret_key
-from gateway.store import store_from_url
+from gateway.store import existing_store, store_from_url
 from gateway.store.base import AgentKeyRecord, Store
 
 LoadSettings = Callable[[str | None], Settings]
@@ -69,15 +68,8 @@ def _keyring(settings: Settings, *, create: bool) -> Keyring | None:
 
 @asynccontextmanager
 async def _store(settings: Settings, *, create: bool) -> AsyncIterator[Store]:
-    if settings.database.startswith("sqlite:///") and not create:
-        path = Path(settings.database.removeprefix("sqlite:///")).expanduser()
-        if not path.exists():
-            raise KeysError(
-                f"no database at {path.resolve()} (COSIGNER_DATABASE={settings.database}); "
-                "run this where `cosigner serve` runs, or set COSIGNER_DATABASE"
-            )
     try:
-        store = store_from_url(settings.database)
+        store = store_from_url(settings.database) if create else existing_store(settings.database)
     except ValueError as exc:
         raise KeysError(str(exc)) from None
     await store.open()
