@@ -228,9 +228,10 @@ class SqliteStore:
             Path(self.path).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
         self._writer = await aiosqlite.connect(self.path, isolation_level=None)
         for pragma in (
+            # First: switching to WAL needs a lock another process may hold (say, migrating).
+            "PRAGMA busy_timeout=10000",
             "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=FULL",
-            "PRAGMA busy_timeout=10000",
             "PRAGMA foreign_keys=ON",
             # SECURITY: erased credentials (even sealed) are zeroed on disk, not left in free pages.
             "PRAGMA secure_delete=ON",

@@ -71,6 +71,9 @@ class GatewayThread:
         if self._runner is not None:
             self.call(self._runner.cleanup(), timeout=60)
             self._runner = None
+        # Let what is still running (a handler answering at shutdown, a store call in
+        # aiosqlite's thread) finish on a live loop: a result set on a closed loop is an error.
+        self.call(_settle(), timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
@@ -103,6 +106,18 @@ class GatewayThread:
                     f"{action_id} is {action.status if action else None}, wanted {statuses}"
                 )
             time.sleep(0.05)
+
+
+async def _settle() -> None:
+    current = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not current]
+    if pending:
+        _, still = await asyncio.wait(pending, timeout=10)
+        for task in still:
+            task.cancel()
+        if still:
+            await asyncio.wait(still, timeout=5)
+    await asyncio.sleep(0.05)
 
 
 def settings_for(
