@@ -747,3 +747,122 @@ async def test_a_cancelled_joiner_never_strands_the_batch(tmp_path: Path) -> Non
             await joiner
     finally:
         await store.close()
+
+
+async def test_a_failing_deferred_statement_fails_only_its_own_transaction(
+    tmp_path: Path,
+) -> None:
+    # Events, outbox items and receipts are deferred to the transaction's last trip to the
+    # writer thread; when one of them fails there, its transaction is still rolled back whole.
+    store = await _sqlite(tmp_path)
+    good = [action() for _ in range(10)]
+    bad = action()
+
+    async def fail_late() -> None:
+        async with store.transaction() as tx:
+            await tx.insert_action(bad)
+            tx.defer("INSERT INTO no_such_table VALUES (1)")
+
+    try:
+        results = await asyncio.gather(
+            *(insert(store, r) for r in good[:5]),
+            fail_late(),
+            *(insert(store, r) for r in good[5:]),
+            return_exceptions=True,
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert len(errors) == 1 and "no_such_table" in str(errors[0])
+        assert await store.get_action(bad.id) is None
+        for record in good:
+            assert await store.get_action(record.id) is not None
+        await insert(store, action())  # and the store goes on
+    finally:
+        await store.close()
+
+
+async def test_a_failed_commit_fails_every_member_and_the_store_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from gateway.store import sqlite as sqlite_store
+
+    real_commit = sqlite_store._commit
+    failures = [sqlite3.OperationalError("disk I/O error")]
+
+    def failing_commit(conn: sqlite3.Connection) -> Exception | None:
+        if not failures:
+            return real_commit(conn)
+        conn.rollback()  # what SQLite leaves after a failed COMMIT: nothing of the batch
+        return failures.pop()
+
+    monkeypatch.setattr(sqlite_store, "_commit", failing_commit)
+    store = await _sqlite(tmp_path)
+    try:
+        lost = [action() for _ in range(8)]
+        results = await asyncio.gather(*(insert(store, r) for r in lost), return_exceptions=True)
+        # Whoever was in the failed batch hears about it; nothing of it is in the file.
+        failed = [r for r in results if isinstance(r, sqlite3.OperationalError)]
+        assert failed and all("disk I/O error" in str(r) for r in failed)
+        for record, result in zip(lost, results, strict=True):
+            found = await store.get_action(record.id)
+            assert (found is None) == isinstance(result, BaseException)
+        later = action()
+        await insert(store, later)
+        assert await store.get_action(later.id) is not None
+    finally:
+        await store.close()
+
+
+async def test_transactions_that_come_during_a_commit_join_the_next_batch(
+    tmp_path: Path,
+) -> None:
+    store = await _sqlite(tmp_path)
+    try:
+        first = [action() for _ in range(50)]
+        second = [action() for _ in range(50)]
+        before = store.commits
+        one = asyncio.gather(*(insert(store, r) for r in first))
+        await asyncio.sleep(0)  # the first wave is queued; the second comes while it commits
+        two = asyncio.gather(*(insert(store, r) for r in second))
+        await asyncio.gather(one, two)
+        assert 1 <= store.commits - before < 100
+        other = await _sqlite(tmp_path)
+        try:
+            for record in first + second:
+                assert await other.get_action(record.id) is not None
+        finally:
+            await other.close()
+    finally:
+        await store.close()
+
+
+async def test_receipts_written_together_are_each_durable(tmp_path: Path) -> None:
+    store = await _sqlite(tmp_path)
+    try:
+        receipts = [
+            RequestReceipt(
+                f"req_{i:04d}", 100.0 + i, "a", "POST", "/v1/refunds", "r", "allow", 200, 1
+            )
+            for i in range(300)
+        ]
+        before = store.commits
+        await asyncio.gather(*(store.record_request(r) for r in receipts))
+        assert store.commits - before < 300  # many receipts per commit
+        other = await _sqlite(tmp_path)
+        try:
+            assert sorted(await other.requests(1000), key=lambda r: r.id) == receipts
+        finally:
+            await other.close()
+        # A receipt that cannot be written fails the callers in its batch, loudly...
+        results = await asyncio.gather(
+            store.record_request(receipts[0]),  # the same id again
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], Exception) and "UNIQUE" in str(results[0])
+        # ...and the next ones are written as usual.
+        extra = dataclasses.replace(receipts[0], id="req_extra")
+        await store.record_request(extra)
+        assert extra in await store.requests(1000)
+    finally:
+        await store.close()

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -112,21 +112,84 @@ def _run_steps(steps: Sequence[Step], last: Step, conn: sqlite3.Connection) -> A
     return last(conn)
 
 
+def _savepoint(conn: sqlite3.Connection) -> None:
+    # Outside a transaction a SAVEPOINT would start one of its own and its RELEASE commit
+    # it alone: never join a group commit whose BEGIN failed.
+    if not conn.in_transaction:
+        raise sqlite3.OperationalError("the group commit this transaction joined did not begin")
+    conn.execute("SAVEPOINT tx")
+
+
 def _rollback_to_savepoint(conn: sqlite3.Connection) -> None:
+    if not conn.in_transaction:
+        return
     try:
         conn.execute("ROLLBACK TO tx")
     except sqlite3.OperationalError:
-        return  # the transaction failed before its deferred SAVEPOINT ever ran
+        return  # the transaction failed before its SAVEPOINT ran
     conn.execute("RELEASE tx")
+
+
+def _commit(conn: sqlite3.Connection) -> Exception | None:
+    """COMMIT the batch; on failure roll it back and return why (a batch is all or nothing)."""
+    if not conn.in_transaction:
+        return None  # its BEGIN failed: every member failed with it, nothing to commit
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.rollback()
+        return exc
+    return None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What a last trip of a logical transaction did (its work never raises)."""
+
+    error: Exception | None = None  # this logical transaction failed and was rolled back
+    commit_error: Exception | None = None  # the batch's COMMIT failed: every member failed
+    closed: bool = False  # no batch transaction is open any more
+
+
+def _finish(steps: Sequence[Step], commit: bool, conn: sqlite3.Connection) -> _Outcome:
+    """The transaction's deferred statements and RELEASE, and the COMMIT when it is due."""
+    out = _Outcome()
+    try:
+        for step in steps:
+            step(conn)
+        conn.execute("RELEASE tx")
+    except Exception as exc:
+        out.error = exc
+        _rollback_to_savepoint(conn)
+    if commit:
+        out.commit_error = _commit(conn)
+    out.closed = not conn.in_transaction
+    return out
+
+
+def _abort(started: bool, commit: bool, conn: sqlite3.Connection) -> _Outcome:
+    """Undo a failed logical transaction; COMMIT the batch's others when it is due."""
+    out = _Outcome()
+    if started:
+        _rollback_to_savepoint(conn)
+    if commit:
+        out.commit_error = _commit(conn)
+    out.closed = not conn.in_transaction
+    return out
+
+
+def _commit_only(conn: sqlite3.Connection) -> _Outcome:
+    return _Outcome(commit_error=_commit(conn), closed=not conn.in_transaction)
 
 
 class Writer:
     """The one writer connection, on a thread of its own.
 
     aiosqlite makes one trip to its thread per statement. Here a trip runs a list of
-    statements: a logical transaction's SAVEPOINT goes with its first statement, and its
-    write-only statements (events, outbox items, receipts) with its RELEASE and COMMIT. A
-    hold is two trips instead of six, and the writer lock is held that much shorter.
+    statements, and trips run in the order they were submitted: a logical transaction's
+    BEGIN and SAVEPOINT go with its first statement, its write-only statements (events,
+    outbox items, receipts) with its RELEASE and the batch's COMMIT.
     """
 
     def __init__(self) -> None:
@@ -137,27 +200,21 @@ class Writer:
         def connect(_: None) -> sqlite3.Connection:
             return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
-        self._conn = await self._run(connect, None)
+        self._conn = await asyncio.get_running_loop().run_in_executor(self._thread, connect, None)
+
+    def submit(self, step: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``step`` for the writer thread now; it runs after everything queued before."""
+        assert self._conn is not None, "store is not open"
+        return asyncio.get_running_loop().run_in_executor(self._thread, step, self._conn)
 
     async def call(self, step: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``step`` on the writer thread; a cancelled caller does not stop it midway."""
-        assert self._conn is not None, "store is not open"
-        return await self._run(step, self._conn)
-
-    async def _run(self, fn: Callable[[Any], T], arg: Any) -> T:
-        # Work handed to the thread always runs, in order. A cancelled caller waits for it
-        # to end, so that what it does next (a rollback) sees what that work left.
-        future = asyncio.get_running_loop().run_in_executor(self._thread, fn, arg)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            await asyncio.wait([future])
-            raise
+        return await asyncio.shield(self.submit(step))
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            await self._run(lambda c: c.close(), conn)
+            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
         self._thread.shutdown(wait=False)
 
 
@@ -169,12 +226,13 @@ class SqliteTx:
     statement that fails still fails the logical transaction and rolls it back.
     """
 
-    def __init__(self, writer: Writer, now: float) -> None:
+    def __init__(self, writer: Writer, now: float, *, begin: bool) -> None:
         self._writer = writer
         self._now = now
-        self._steps: list[Step] = [_execute("SAVEPOINT tx")]
-        self.started = False  # a trip to the writer thread was made (the SAVEPOINT with it)
-        self.released = False  # its work is in the batch: RELEASE ran
+        # The first transaction of a batch opens it; the BEGIN goes with its first trip.
+        self._steps: list[Step] = [_execute("BEGIN IMMEDIATE")] if begin else []
+        self._steps.append(_savepoint)
+        self.started = False  # a trip to the writer thread was queued (the SAVEPOINT with it)
 
     def defer(self, sql: str, args: Sequence[Any] = ()) -> None:
         """Run ``sql`` with the next trip to the writer thread."""
@@ -190,13 +248,11 @@ class SqliteTx:
         self.started = True
         return await self._writer.call(partial(_run_steps, steps, last))
 
-    def _release(self, conn: sqlite3.Connection) -> None:
-        conn.execute("RELEASE tx")
-        self.released = True
-
-    async def release(self) -> None:
-        """The deferred statements and the RELEASE: this logical transaction joins the batch."""
-        await self.call(self._release)
+    def finish(self, commit: bool) -> Callable[[sqlite3.Connection], _Outcome]:
+        """The last trip: deferred statements, RELEASE, and the batch's COMMIT if ``commit``."""
+        steps, self._steps = self._steps, []
+        self.started = True
+        return partial(_finish, steps, commit)
 
     async def rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         """A query's rows."""
@@ -294,15 +350,35 @@ _INSERT_REQUEST = (
     "INSERT INTO requests (id, ts, agent, method, path, rule, decision, status, latency_ms,"
     " action_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+BUSY_TIMEOUT_MS = 10_000
 _PRAGMAS = (
-    # First: switching to WAL needs a lock another process may hold (say, migrating).
-    "PRAGMA busy_timeout=10000",
-    "PRAGMA journal_mode=WAL",
+    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
     "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=ON",
     # SECURITY: erased credentials (even sealed) are zeroed on disk, not left in free pages.
     "PRAGMA secure_delete=ON",
 )
+
+
+def _prepare(conn: sqlite3.Connection) -> None:
+    """Pragmas, WAL mode first: switching to it needs a lock another process may hold.
+
+    SQLite answers "database is locked" to a journal-mode switch at once, without waiting
+    out the busy timeout, when another connection is opening the same file (replicas or a
+    CLI starting together): wait and try again, up to the busy timeout.
+    """
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    for pragma in _PRAGMAS:
+        conn.execute(pragma)
 
 
 def _migrate(now: float, conn: sqlite3.Connection) -> None:
@@ -334,9 +410,12 @@ class SqliteStore:
         self._queued = 0  # logical transactions waiting for the writer lock
         self._batch: asyncio.Future[None] | None = None  # the open group commit, if any
         self._batch_size = 0
+        self._batch_begun = False  # the open batch's BEGIN has been queued
+        self._committing = 0  # COMMITs queued to the writer thread and not yet done
         self._flushes: set[asyncio.Task[None]] = set()
         self._receipts: list[tuple[Any, ...]] = []  # request receipts waiting for a batch
         self._receipts_done: asyncio.Future[None] | None = None  # resolves at their commit
+        self._receipts_flusher: asyncio.Task[None] | None = None
         self.commits = 0  # SQLite commits made (fewer than transactions, thanks to batching)
         self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -362,12 +441,11 @@ class SqliteStore:
             Path(self.path).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
         self._writer = Writer()
         await self._writer.open(self.path)
-        for pragma in _PRAGMAS:
-            await self._writer.call(_execute(pragma))
+        await self._writer.call(_prepare)
         async with self._lock:
             await self._writer.call(partial(_migrate, self._clock()))
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._reader.execute("PRAGMA busy_timeout=10000")
+        await self._reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     async def close(self) -> None:
         if self._flushes:
@@ -382,11 +460,13 @@ class SqliteStore:
     async def transaction(self) -> AsyncIterator[SqliteTx]:
         """One logical transaction; several share one SQLite commit (group commit).
 
-        Each logical transaction runs alone under the writer lock, inside a SAVEPOINT of the
-        batch's BEGIN IMMEDIATE. When it ends and others are already queued for the lock, the
-        commit is left to the last of them: one fsync then makes the whole batch durable, and
-        every caller returns only after that COMMIT. A failing logical transaction rolls back
-        to its savepoint and leaves the rest of the batch alone.
+        Logical transactions take the writer lock in turn and run inside a SAVEPOINT of the
+        batch's BEGIN IMMEDIATE. The lock is held only until a transaction's last trip is
+        queued (trips run in the order they are queued), so the next one starts at once. The
+        last one in while nobody waits for the lock adds the COMMIT to its last trip: one
+        fsync makes the whole batch durable, and every caller returns only after it. A
+        failing logical transaction rolls back to its savepoint and leaves the rest of the
+        batch alone.
         """
         self._queued += 1
         try:
@@ -396,49 +476,77 @@ class SqliteStore:
             self._flush_soon()  # the holder may have left the batch to us
             raise
         self._queued -= 1
+        tx: SqliteTx | None = None
         try:
-            if self._batch is None:
-                # Its own trip: it may wait (busy_timeout) for another process's writer.
-                await self._w.call(_execute("BEGIN IMMEDIATE"))
-                self._batch = asyncio.get_running_loop().create_future()
-                self._batch_size = 0
             batch = self._batch
-            tx = SqliteTx(self._w, self._clock())
+            if batch is None:
+                batch = self._batch = asyncio.get_running_loop().create_future()
+                self._batch_size, self._batch_begun = 0, False
+            tx = SqliteTx(self._w, self._clock(), begin=not self._batch_begun)
             try:
                 yield tx
-                await tx.release()
             except BaseException:
-                if not tx.released:
-                    if tx.started:
-                        await self._w.call(_rollback_to_savepoint)
-                    await self._end_turn()
-                    raise
-                self._batch_size += 1  # cancelled while its RELEASE ran: it is in the batch
-                await self._end_turn()
+                commit = self._commit_due()
+                self._last_trip(partial(_abort, tx.started, commit), batch, commit)
                 raise
             self._batch_size += 1
-            await self._end_turn()
+            commit = self._commit_due()
+            last = self._last_trip(tx.finish(commit), batch, commit)
         finally:
+            if tx is not None and tx.started:
+                self._batch_begun = True
             self._lock.release()
+        outcome = await asyncio.shield(last)
+        if outcome.error is not None:
+            raise outcome.error
         # Durable before we answer; a cancelled caller does not cancel the shared commit.
         await asyncio.shield(batch)
 
-    async def _end_turn(self) -> None:
-        """Commit the batch unless another logical transaction is queued to join it."""
-        if self._queued and self._batch_size < MAX_BATCH:
-            return
-        batch, self._batch = self._batch, None
-        if batch is None:
-            return
+    def _commit_due(self) -> bool:
+        """Commit with this trip, unless someone is queued to join the batch.
+
+        Nor while the previous batch's COMMIT is still on its way: this batch stays open for
+        whoever comes meanwhile, and is committed when that one is done (``_settle``).
+        """
+        if self._batch_size >= MAX_BATCH:
+            return True
+        return not self._queued and not self._committing
+
+    def _last_trip(
+        self,
+        step: Callable[[sqlite3.Connection], _Outcome],
+        batch: asyncio.Future[None],
+        commit: bool,
+    ) -> asyncio.Future[_Outcome]:
+        """Queue a transaction's last trip (under the lock); settle the batch when it ends."""
+        if commit:
+            self._batch = None  # whoever comes next opens a new batch, queued behind this one
+            self._committing += 1
+        done = self._w.submit(step)
+        done.add_done_callback(partial(self._settle, batch, commit))
+        return done
+
+    def _settle(
+        self, batch: asyncio.Future[None], commit: bool, done: asyncio.Future[_Outcome]
+    ) -> None:
         try:
-            await self._w.call(_execute("COMMIT"))
-            self.commits += 1
-        except BaseException as exc:
-            await self._w.call(lambda conn: conn.rollback())
-            if not batch.done():
-                batch.set_exception(exc)
-            raise
-        if not batch.done():
+            outcome = done.result()
+        except Exception as exc:  # a bug in a step: fail the batch rather than leave it hanging
+            outcome = _Outcome(error=exc, commit_error=exc, closed=True)
+        if commit:
+            self._committing -= 1
+            self._flush_soon()  # the batch that stayed open while this one committed
+        if not (commit or outcome.closed):
+            return
+        if self._batch is batch:
+            self._batch = None  # its BEGIN failed: the next transaction opens a new one
+        if batch.done():
+            return
+        if outcome.commit_error is not None:
+            batch.set_exception(outcome.commit_error)
+            batch.exception()  # members that are still waiting get it; no "never retrieved"
+        else:
+            self.commits += commit
             batch.set_result(None)
 
     def _flush_soon(self) -> None:
@@ -446,9 +554,13 @@ class SqliteStore:
 
         async def flush() -> None:
             async with self._lock:
-                await self._end_turn()  # a no-op while someone else is queued to join
+                batch = self._batch
+                if batch is None or self._queued or self._committing:
+                    return  # already committed, or someone else will
+                done = self._last_trip(_commit_only, batch, True)
+            await asyncio.shield(done)
 
-        if self._batch is not None and self._queued == 0:
+        if self._batch is not None and self._queued == 0 and not self._committing:
             task = asyncio.get_running_loop().create_task(flush())
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
@@ -531,7 +643,7 @@ class SqliteStore:
         """Queue the receipt for the next batch; return once that batch is committed.
 
         Receipts are the hot path of allowed writes: one executemany per batch instead of a
-        logical transaction (four calls to the writer thread) per receipt.
+        logical transaction per receipt.
         """
         self._receipts.append(
             (
@@ -549,32 +661,41 @@ class SqliteStore:
         )
         if self._receipts_done is None:
             self._receipts_done = asyncio.get_running_loop().create_future()
+        done = self._receipts_done
+        if self._receipts_flusher is None:
             task = asyncio.get_running_loop().create_task(self._flush_receipts())
+            self._receipts_flusher = task
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
         # A cancelled caller does not cancel the batch its receipt is in.
-        await asyncio.shield(self._receipts_done)
+        await asyncio.shield(done)
 
     async def _flush_receipts(self) -> None:
-        """Write every receipt queued until the writer is free, in one logical transaction."""
-        done: asyncio.Future[None] | None = None
+        """Write queued receipts, a batch at a time, until none are left.
+
+        One batch at a time: receipts that come while one is being committed wait for the
+        next, so a busy gateway writes many per transaction instead of many transactions.
+        """
         try:
-            async with self.transaction() as tx:
-                rows, self._receipts = self._receipts, []
-                done, self._receipts_done = self._receipts_done, None
-                assert done is not None
-                tx.defer_many(_INSERT_REQUEST, rows)
-        except BaseException as exc:
-            if done is None:  # failed before taking the batch: fail everyone queued
-                done, self._receipts_done, self._receipts = self._receipts_done, None, []
-            if done is not None and not done.done():
-                done.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        assert done is not None
-        if not done.done():
-            done.set_result(None)
+            while self._receipts:
+                done: asyncio.Future[None] | None = None
+                try:
+                    async with self.transaction() as tx:
+                        rows, self._receipts = self._receipts, []
+                        done, self._receipts_done = self._receipts_done, None
+                        tx.defer_many(_INSERT_REQUEST, rows)
+                except BaseException as exc:
+                    if done is None:  # failed before taking the batch: fail everyone queued
+                        done, self._receipts_done, self._receipts = self._receipts_done, None, []
+                    if done is not None and not done.done():
+                        done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                if done is not None and not done.done():
+                    done.set_result(None)
+        finally:
+            self._receipts_flusher = None
 
     async def requests(self, limit: int) -> list[RequestReceipt]:
         rows = await self._rows(
