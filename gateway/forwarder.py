@@ -165,6 +165,7 @@ class Forwarder:
         self.attempts = attempts
         self._sleep = sleep
         self._observer = observer
+        self._reads: dict[tuple[object, ...], asyncio.Future[UpstreamResponse]] = {}
 
     @property
     def attempt_timeout(self) -> float:
@@ -200,6 +201,32 @@ class Forwarder:
                 self._observer.upstream(time.perf_counter() - start, False)
             kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             raise UpstreamError(f"upstream {kind}: {exc}".rstrip(": ")) from exc
+
+    async def read_shared(self, out: Outbound) -> UpstreamResponse:
+        """A GET the gateway makes for itself, shared by identical GETs already in flight.
+
+        Holds on one object that arrive together (an agent retrying, a burst of refunds of
+        one charge) then cost Stripe one read and one rate-limit slot, not one each. A
+        caller that joins gets the answer to a read already on its way: at most one round
+        trip older than a read of its own. Identical means the same path, query and
+        headers (the API key and Stripe-Account among them). Once the answer is in, the
+        next GET reads afresh.
+        """
+        key = (out.method, out.path, out.query, *sorted(out.headers.items()))
+        shared = self._reads.get(key)
+        if shared is None:
+            shared = asyncio.ensure_future(self.send_once(out))
+            self._reads[key] = shared
+
+            def done(task: asyncio.Future[UpstreamResponse]) -> None:
+                if self._reads.get(key) is task:
+                    del self._reads[key]
+                if not task.cancelled():
+                    task.exception()  # retrieved: callers that gave up never will
+
+            shared.add_done_callback(done)
+        # One caller giving up (its timeout) does not cancel the read for the others.
+        return await asyncio.shield(shared)
 
     async def send(
         self, out: Outbound, on_attempt: Callable[[Attempt], Awaitable[None]] | None = None

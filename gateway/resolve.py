@@ -229,7 +229,7 @@ async def fetch(
     at = clock()
     try:
         async with asyncio.timeout(timeout):
-            resp = await forwarder.send_once(out)
+            resp = await forwarder.read_shared(out)
     except TimeoutError:
         return Lookup(target.source, at, error=f"lookup failed: no answer within {timeout:g}s")
     except UpstreamError as exc:

@@ -171,3 +171,49 @@ def test_policy_table() -> None:
         delay = backoff(attempt)
         assert INITIAL_DELAY <= delay <= MAX_DELAY
     assert backoff(1, {"Retry-After": "not-a-number"}) <= MAX_DELAY
+
+
+# -- reads the gateway makes for itself (lookups) are shared while in flight -----------------
+
+
+def _lookup(key: str = "sk_test_1", path: str = "/v1/charges/ch_1") -> Outbound:
+    return Outbound("GET", path, "", {"Authorization": f"Bearer {key}"}, b"")
+
+
+async def test_identical_reads_in_flight_share_one_request(serve: Any) -> None:
+    upstream = await serve(Upstream([], delay=0.3))
+    async with aiohttp.ClientSession() as session:
+        forwarder = Forwarder(session, upstream.url, timeout=5, attempts=1)
+        answers = await asyncio.gather(*(forwarder.read_shared(_lookup()) for _ in range(5)))
+        assert len(upstream.seen) == 1 and {a.status for a in answers} == {200}
+        # Once the answer is in, the next read goes to Stripe afresh.
+        await forwarder.read_shared(_lookup())
+        assert len(upstream.seen) == 2
+
+
+async def test_reads_with_other_keys_or_paths_are_never_shared(serve: Any) -> None:
+    upstream = await serve(Upstream([], delay=0.3))
+    async with aiohttp.ClientSession() as session:
+        forwarder = Forwarder(session, upstream.url, timeout=5, attempts=1)
+        await asyncio.gather(
+            forwarder.read_shared(_lookup("sk_test_1")),
+            forwarder.read_shared(_lookup("sk_test_2")),
+            forwarder.read_shared(_lookup("sk_test_1", "/v1/charges/ch_2")),
+        )
+        assert sorted(h["Authorization"] for h in upstream.seen) == [
+            "Bearer sk_test_1",
+            "Bearer sk_test_1",
+            "Bearer sk_test_2",
+        ]
+
+
+async def test_a_reader_that_gives_up_leaves_the_read_to_the_others(serve: Any) -> None:
+    upstream = await serve(Upstream([], delay=0.4))
+    async with aiohttp.ClientSession() as session:
+        forwarder = Forwarder(session, upstream.url, timeout=5, attempts=1)
+        patient = asyncio.ensure_future(forwarder.read_shared(_lookup()))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await forwarder.read_shared(_lookup())
+        assert (await patient).status == 200
+        assert len(upstream.seen) == 1

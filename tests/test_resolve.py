@@ -9,6 +9,7 @@ full refund. Held actions carry facts looked up for reviewers.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,24 @@ def test_held_refund_shows_looked_up_facts(gw: GatewayThread, upstream: Any) -> 
     (lookup,) = upstream.requests(method="GET", path=f"/v1/charges/{charge}")
     assert lookup["stripe_account"] == "acct_123"  # the same account the refund is for
     assert lookup["api_key"] == AGENT
+
+
+def test_holds_on_one_charge_that_arrive_together_share_its_lookup(
+    gw: GatewayThread, upstream: Any
+) -> None:
+    # A burst of holds on one charge (an agent retrying, say) reads it from Stripe once: the
+    # holds that come while the first read is on its way get its answer.
+    charge = upstream.create_charge(amount=50_000)["id"]
+    upstream.fault(f"/v1/charges/{charge}", method="GET", delay=1.0)
+    with ThreadPoolExecutor(6) as pool:
+        held = list(pool.map(lambda _: full_refund(gw, charge=charge, amount=5000), range(6)))
+    assert {h["status"] for h in held} == {"awaiting_approval"}
+    facts = [gw.action(h["id"]).context["looked_up"]["facts"] for h in held]
+    assert all(f == facts[0] for f in facts) and facts[0]["Charge amount"]
+    assert len(upstream.requests(method="GET", path=f"/v1/charges/{charge}")) == 1
+    # Once that read is answered, the next hold reads the charge afresh.
+    full_refund(gw, charge=charge, amount=5000)
+    assert len(upstream.requests(method="GET", path=f"/v1/charges/{charge}")) == 2
 
 
 def test_context_lookup_failure_never_fails_the_hold(gw: GatewayThread, upstream: Any) -> None:
