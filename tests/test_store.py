@@ -866,3 +866,44 @@ async def test_receipts_written_together_are_each_durable(tmp_path: Path) -> Non
         assert extra in await store.requests(1000)
     finally:
         await store.close()
+
+
+async def test_closing_leaves_no_transaction_waiting_for_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+    import time
+
+    from gateway.store import sqlite as sqlite_store
+
+    real_commit = sqlite_store._commit
+
+    def slow_commit(conn: sqlite3.Connection) -> Exception | None:
+        time.sleep(0.05)  # a slow disk: batches pile up behind the COMMIT on its way
+        return real_commit(conn)
+
+    monkeypatch.setattr(sqlite_store, "_commit", slow_commit)
+    store = await _sqlite(tmp_path)
+    records = [action() for _ in range(30)]
+
+    first = asyncio.gather(*(insert(store, r) for r in records))
+    while not store._lock.locked():
+        await asyncio.sleep(0)  # they have started
+    while store._lock.locked() or store._queued:
+        await asyncio.sleep(0.001)  # every insert has queued its last trip
+    # The first batch's COMMIT is on its way. Writes that need no answer (timeline events)
+    # queue their one trip behind it, and leave their batch open for it to finish.
+    events = [EventRecord(r.id, 1.0, "note", {"n": i}) for i, r in enumerate(records)]
+    second = asyncio.gather(*(store.add_event(e) for e in events))
+    await asyncio.sleep(0)
+    assert store._batch is not None and store._committing
+    # Closing commits it; nobody is left waiting.
+    await store.close()
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    store = await _sqlite(tmp_path)
+    try:
+        for record, event in zip(records, events, strict=True):
+            assert await store.get_action(record.id) is not None
+            assert event in await store.events(record.id)
+    finally:
+        await store.close()

@@ -448,8 +448,15 @@ class SqliteStore:
         await self._reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     async def close(self) -> None:
-        if self._flushes:
+        while self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
+        if self._writer is not None and self._batch is not None:
+            # Left open for a COMMIT still on its way when we were asked to close: commit it
+            # now, so that no caller waits for a batch that a closed connection rolled back.
+            async with self._lock:
+                if self._batch is not None:
+                    last = self._last_trip(_commit_only, self._batch, True)
+                    await asyncio.gather(last, return_exceptions=True)
         if self._reader is not None:
             await self._reader.close()
         if self._writer is not None:
