@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.store import sqlite as sqlite_store
 from gateway.store import store_from_url
 from gateway.store.base import (
     ActionFilter,
@@ -668,6 +671,16 @@ async def _sqlite(tmp_path: Path) -> SqliteStore:
     return store
 
 
+async def _assert_durable(tmp_path: Path, records: list[ActionRecord]) -> None:
+    """A fresh connection (another process's view) sees every one of ``records``."""
+    other = await _sqlite(tmp_path)
+    try:
+        for record in records:
+            assert await other.get_action(record.id) is not None
+    finally:
+        await other.close()
+
+
 async def test_group_commit_makes_every_transaction_durable_with_fewer_commits(
     tmp_path: Path,
 ) -> None:
@@ -678,14 +691,8 @@ async def test_group_commit_makes_every_transaction_durable_with_fewer_commits(
         await asyncio.gather(*(insert(store, r) for r in records))
         used = store.commits - before
         assert 1 <= used < 200
-        # Every insert is committed by the time its transaction returned: a fresh
-        # connection (another process's view) sees all of them.
-        other = await _sqlite(tmp_path)
-        try:
-            for record in records:
-                assert await other.get_action(record.id) is not None
-        finally:
-            await other.close()
+        # Every insert is committed by the time its transaction returned.
+        await _assert_durable(tmp_path, records)
     finally:
         await store.close()
 
@@ -783,10 +790,6 @@ async def test_a_failing_deferred_statement_fails_only_its_own_transaction(
 async def test_a_failed_commit_fails_every_member_and_the_store_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sqlite3
-
-    from gateway.store import sqlite as sqlite_store
-
     real_commit = sqlite_store._commit
     failures = [sqlite3.OperationalError("disk I/O error")]
 
@@ -827,12 +830,7 @@ async def test_transactions_that_come_during_a_commit_join_the_next_batch(
         two = asyncio.gather(*(insert(store, r) for r in second))
         await asyncio.gather(one, two)
         assert 1 <= store.commits - before < 100
-        other = await _sqlite(tmp_path)
-        try:
-            for record in first + second:
-                assert await other.get_action(record.id) is not None
-        finally:
-            await other.close()
+        await _assert_durable(tmp_path, first + second)
     finally:
         await store.close()
 
@@ -871,11 +869,6 @@ async def test_receipts_written_together_are_each_durable(tmp_path: Path) -> Non
 async def test_closing_leaves_no_transaction_waiting_for_its_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sqlite3
-    import time
-
-    from gateway.store import sqlite as sqlite_store
-
     real_commit = sqlite_store._commit
 
     def slow_commit(conn: sqlite3.Connection) -> Exception | None:
