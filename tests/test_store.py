@@ -900,3 +900,46 @@ async def test_closing_leaves_no_transaction_waiting_for_its_commit(
             assert event in await store.events(record.id)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("trip", ["last", "with an answer"])
+async def test_a_batch_sqlite_rolls_back_whole_fails_every_member(
+    tmp_path: Path, trip: str
+) -> None:
+    # An I/O error or a full disk can make SQLite roll back the whole transaction, not just
+    # one statement: then nobody in the batch may hear "committed". (Here a deferred ROLLBACK
+    # plays that part.) Whatever succeeded is on disk; whatever is not, failed.
+    store = await _sqlite(tmp_path)
+    records = [action() for _ in range(20)]
+
+    async def lose_the_batch() -> None:
+        async with store.transaction() as tx:
+            await tx.insert_action(action())
+            tx.defer("ROLLBACK")
+            if trip == "last":
+                tx.defer("INSERT INTO no_such_table VALUES (1)")
+            else:
+                await tx.rows("SELECT * FROM no_such_table")
+
+    try:
+        results = await asyncio.gather(
+            *(insert(store, r) for r in records[:10]),
+            lose_the_batch(),
+            *(insert(store, r) for r in records[10:]),
+            return_exceptions=True,
+        )
+        outcomes = results[:10] + results[11:]
+        assert isinstance(results[10], sqlite3.OperationalError)
+        assert any(isinstance(r, BaseException) for r in outcomes)  # its batch went with it
+        other = await _sqlite(tmp_path)
+        try:
+            for record, result in zip(records, outcomes, strict=True):
+                on_disk = await other.get_action(record.id) is not None
+                assert on_disk == (not isinstance(result, BaseException))
+        finally:
+            await other.close()
+        later = action()
+        await insert(store, later)  # and the store goes on
+        assert await store.get_action(later.id) is not None
+    finally:
+        await store.close()

@@ -106,10 +106,17 @@ def _execute(sql: str, args: Sequence[Any] = ()) -> Step:
     return lambda conn: conn.execute(sql, args)
 
 
-def _run_steps(steps: Sequence[Step], last: Step, conn: sqlite3.Connection) -> Any:
-    for step in steps:
-        step(conn)
-    return last(conn)
+def _run_steps(tx: SqliteTx, steps: Sequence[Step], last: Step, conn: sqlite3.Connection) -> Any:
+    began = conn.in_transaction
+    try:
+        for step in steps:
+            step(conn)
+            began = began or conn.in_transaction
+        return last(conn)
+    except Exception as exc:
+        if began and not conn.in_transaction:
+            tx.lost = exc  # SQLite rolled the whole batch back (an I/O error, a full disk)
+        raise
 
 
 def _savepoint(conn: sqlite3.Connection) -> None:
@@ -152,28 +159,48 @@ class _Outcome:
     closed: bool = False  # no batch transaction is open any more
 
 
-def _finish(steps: Sequence[Step], commit: bool, conn: sqlite3.Connection) -> _Outcome:
-    """The transaction's deferred statements and RELEASE, and the COMMIT when it is due."""
+def _finish(
+    steps: Sequence[Step], started: bool, commit: bool, conn: sqlite3.Connection
+) -> _Outcome:
+    """The transaction's deferred statements and RELEASE, and the COMMIT when it is due.
+
+    ``started``: an earlier trip opened this transaction's SAVEPOINT, so a batch must be
+    open; if SQLite rolled it back meanwhile, nothing more is written in autocommit.
+    """
     out = _Outcome()
+    began = conn.in_transaction
+    if started and not began:
+        out.error = sqlite3.OperationalError("the batch this transaction was in was rolled back")
+        out.closed = True
+        return out
     try:
         for step in steps:
             step(conn)
+            began = began or conn.in_transaction
         conn.execute("RELEASE tx")
     except Exception as exc:
         out.error = exc
+        if began and not conn.in_transaction:
+            out.commit_error = exc  # SQLite rolled the whole batch back: nobody's work is in
         _rollback_to_savepoint(conn)
-    if commit:
+    if commit and out.commit_error is None:
         out.commit_error = _commit(conn)
     out.closed = not conn.in_transaction
     return out
 
 
-def _abort(started: bool, commit: bool, conn: sqlite3.Connection) -> _Outcome:
-    """Undo a failed logical transaction; COMMIT the batch's others when it is due."""
-    out = _Outcome()
+def _abort(
+    started: bool, commit: bool, lost: Exception | None, conn: sqlite3.Connection
+) -> _Outcome:
+    """Undo a failed logical transaction; COMMIT the batch's others when it is due.
+
+    ``lost``: the failure already made SQLite roll the whole batch back, so every member
+    of the batch fails with it.
+    """
+    out = _Outcome(commit_error=lost)
     if started:
         _rollback_to_savepoint(conn)
-    if commit:
+    if commit and lost is None:
         out.commit_error = _commit(conn)
     out.closed = not conn.in_transaction
     return out
@@ -233,6 +260,7 @@ class SqliteTx:
         self._steps: list[Step] = [_execute("BEGIN IMMEDIATE")] if begin else []
         self._steps.append(_savepoint)
         self.started = False  # a trip to the writer thread was queued (the SAVEPOINT with it)
+        self.lost: Exception | None = None  # what made SQLite roll the whole batch back
 
     def defer(self, sql: str, args: Sequence[Any] = ()) -> None:
         """Run ``sql`` with the next trip to the writer thread."""
@@ -246,13 +274,13 @@ class SqliteTx:
         """Every deferred statement, then ``last``, in one trip; returns what ``last`` does."""
         steps, self._steps = self._steps, []
         self.started = True
-        return await self._writer.call(partial(_run_steps, steps, last))
+        return await self._writer.call(partial(_run_steps, self, steps, last))
 
     def finish(self, commit: bool) -> Callable[[sqlite3.Connection], _Outcome]:
         """The last trip: deferred statements, RELEASE, and the batch's COMMIT if ``commit``."""
         steps, self._steps = self._steps, []
-        self.started = True
-        return partial(_finish, steps, commit)
+        started, self.started = self.started, True
+        return partial(_finish, steps, started, commit)
 
     async def rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         """A query's rows."""
@@ -494,7 +522,7 @@ class SqliteStore:
                 yield tx
             except BaseException:
                 commit = self._commit_due()
-                self._last_trip(partial(_abort, tx.started, commit), batch, commit)
+                self._last_trip(partial(_abort, tx.started, commit, tx.lost), batch, commit)
                 raise
             self._batch_size += 1
             commit = self._commit_due()
@@ -546,7 +574,7 @@ class SqliteStore:
         if not (commit or outcome.closed):
             return
         if self._batch is batch:
-            self._batch = None  # its BEGIN failed: the next transaction opens a new one
+            self._batch = None  # its BEGIN failed, or SQLite rolled it back: open a new one
         if batch.done():
             return
         if outcome.commit_error is not None:
