@@ -168,12 +168,17 @@ def start_nginx(procs: Processes, workdir: Path, cpus: set[int] | None) -> int:
 
 
 def gateway_env(
-    db: Path, port: int, upstream_port: int, log_level: str, extra: dict[str, str]
+    db: Path,
+    port: int,
+    upstream_port: int,
+    log_level: str,
+    extra: dict[str, str],
+    root: Path = ROOT,
 ) -> dict[str, str]:
     """Cosigner's settings: only COSIGNER_* variables chosen here (plus --gateway-env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COSIGNER_")}
     env.update(
-        PYTHONPATH=str(ROOT),  # this checkout's gateway, installed or not
+        PYTHONPATH=str(root),  # that checkout's gateway (this one's by default), installed or not
         COSIGNER_LISTEN=f"127.0.0.1:{port}",
         COSIGNER_UPSTREAM=f"http://127.0.0.1:{upstream_port}",
         COSIGNER_DATABASE=f"sqlite:///{db}",
@@ -200,13 +205,14 @@ def start_gateway(
     log_level: str,
     extra: dict[str, str],
     cpus: set[int] | None,
+    root: Path = ROOT,
 ) -> tuple[Process, int, Path]:
-    """``python -m gateway serve`` with a fresh database; returns process, port, db path."""
+    """``python -m gateway serve`` (from ``root``) with a fresh database; process, port, db."""
     home = workdir / name
     home.mkdir()
     db = home / "bench.db"
     port = free_port()
-    env = gateway_env(db, port, upstream_port, log_level, extra)
+    env = gateway_env(db, port, upstream_port, log_level, extra, root)
     # cwd is the empty home folder, so no stray .env file is read.
     proc = procs.start(
         name,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -134,3 +137,44 @@ def test_lua_strings_survive_any_body() -> None:
     assert set(eq) <= {"="}
     assert literal == f"[{eq}[{tricky}]{eq}]"
     assert f"]{eq}]" not in tricky
+
+
+# -- bench/compare.py: versions side by side ---------------------------------------------------
+
+
+def test_cpu_per_process_and_per_main_thread_come_from_proc() -> None:
+    compare = _module("compare")
+    pid = os.getpid()
+    before, before_main = compare.cpu_seconds(pid), compare.cpu_seconds(pid, main_only=True)
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn CPU on this (the main) thread
+        pass
+    after, after_main = compare.cpu_seconds(pid), compare.cpu_seconds(pid, main_only=True)
+    assert after_main - before_main >= 0.2
+    assert after >= after_main and after - before >= after_main - before_main - 0.02
+
+
+def test_revisions_are_checked_out_beside_and_removed_after(tmp_path: Path) -> None:
+    compare = _module("compare")
+    assert compare.checkout(".", tmp_path / "here") == compare.ROOT  # the working tree itself
+    tree = compare.checkout("HEAD", tmp_path / "head")
+    assert (tree / "gateway" / "proxy.py").is_file() and tree != compare.ROOT
+    compare.remove_worktrees([compare.ROOT, tree])
+    assert not tree.exists() and compare.ROOT.is_dir()
+    listed = subprocess.run(
+        ["git", "-C", str(compare.ROOT), "worktree", "list"], capture_output=True, text=True
+    ).stdout
+    assert str(tree) not in listed
+
+
+def test_compare_reports_medians_of_its_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    compare = _module("compare")
+    with pytest.raises(SystemExit):
+        compare.parse_args(["HEAD", "--scenarios", "get,posts"])
+    assert "unknown scenarios: posts" in capsys.readouterr().err
+    a = compare.Side("1:HEAD~1", None, 0, {"get": [(100.0, 300.0, 250.0), (300.0, 100.0, 90.0)]})
+    b = compare.Side("2:HEAD", None, 0, {"get": [(200.0, 200.0, 150.0)]})
+    table = compare.report([a, b], ["get", "held"]).splitlines()
+    assert len(table) == 3  # header, then one row per version that ran the scenario
+    assert table[1].split()[:5] == ["get", "1:HEAD~1", "200", "200", "170"]
+    assert table[2].split()[:5] == ["get", "2:HEAD", "200", "200", "150"]
