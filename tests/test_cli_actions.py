@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +15,14 @@ import requests
 import stripe
 
 from gateway.keys import NOTIFIER
-from tests.support.gateway import SECRET_KEY, GatewayThread, gateway_thread, settings_for
-from tests.support.peers import REPO_ROOT, TEST_STRIPE_KEY
+from tests.support.gateway import (
+    SECRET_KEY,
+    GatewayThread,
+    gateway_thread,
+    run_cosigner,
+    settings_for,
+)
+from tests.support.peers import TEST_STRIPE_KEY
 
 RULES = Path(__file__).parent / "data" / "rules_core"
 
@@ -33,23 +37,14 @@ def cosigner(
     gw: GatewayThread, *args: str, database: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m gateway actions ...` with the gateway's settings, from another folder."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COSIGNER_")}
-    env.update(
-        COSIGNER_DATABASE=database or gw.settings.database,
-        COSIGNER_SECRET_KEY=SECRET_KEY,
-        COSIGNER_PUBLIC_URL=gw.url,
-        PYTHONPATH=str(REPO_ROOT),
-    )
+    settings = {
+        "COSIGNER_DATABASE": database or gw.settings.database,
+        "COSIGNER_SECRET_KEY": SECRET_KEY,
+        "COSIGNER_PUBLIC_URL": gw.url,
+    }
     workdir = Path(gw.settings.database.removeprefix("sqlite:///")).parent / "elsewhere"
     workdir.mkdir(exist_ok=True)
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "actions", *args],
-        env=env,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cosigner("actions", *args, cwd=workdir, settings=settings)
 
 
 def hold(gw: GatewayThread, charge: str, amount: int = 6000, key: str | None = None) -> Any:

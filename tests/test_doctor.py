@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.store.sqlite import SqliteStore
-from tests.support.gateway import ADMIN_TOKEN, SECRET_KEY
+from tests.support.gateway import ADMIN_TOKEN, SECRET_KEY, run_cosigner
 from tests.support.peers import TEST_STRIPE_KEY, SmtpSink, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,18 +20,8 @@ SMTP_USER, SMTP_PASSWORD = "mailer", "smtp-password-for-doctor-9f3"
 
 
 def doctor(cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("COSIGNER_")}
-    clean["PYTHONPATH"] = str(ROOT)
-    clean.update({f"COSIGNER_{k.upper()}": v for k, v in env.items()})
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "doctor", "--timeout", "3"],
-        env=clean,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    settings = {f"COSIGNER_{k.upper()}": v for k, v in env.items()}
+    return run_cosigner("doctor", "--timeout", "3", cwd=cwd, settings=settings)
 
 
 def lines(out: str, level: str, name: str) -> list[str]:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ from tests.support.gateway import (
     SECRET_KEY,
     GatewayThread,
     gateway_thread,
+    run_cosigner,
     settings_for,
 )
 from tests.support.peers import TEST_STRIPE_KEY, Upstream
@@ -37,24 +36,12 @@ def cosigner(
     workdir: Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`cosigner keys ARGS` against the test database, as a separate process."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("COSIGNER_")}
-    environ.update(
-        {
-            "COSIGNER_DATABASE": f"sqlite:///{workdir / 'cosigner.db'}",
-            "COSIGNER_SECRET_KEY": SECRET_KEY,
-            **(env or {}),
-        }
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "keys", *args],
-        env=environ,
-        cwd=workdir,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    settings = {
+        "COSIGNER_DATABASE": f"sqlite:///{workdir / 'cosigner.db'}",
+        "COSIGNER_SECRET_KEY": SECRET_KEY,
+        **(env or {}),
+    }
+    return run_cosigner("keys", *args, cwd=workdir, settings=settings, stdin=stdin or "")
 
 
 def create_key(workdir: Path, name: str, *extra: str, **kwargs: Any) -> str:

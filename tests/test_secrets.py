@@ -16,8 +16,6 @@ import base64
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -28,7 +26,7 @@ import pytest
 import requests
 
 from gateway.crypto import constant_time_equal
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import GatewayProcess, run_cosigner
 from tests.support.peers import SmtpSink, Upstream, free_port
 from tests.support.rawhttp import RecordingServer
 
@@ -79,17 +77,9 @@ class Evidence:
         return found
 
 
-def keys_cli(env: dict[str, str], cwd: Path, *args: str, stdin: str | None = None) -> Any:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "keys", *args],
-        env=env,
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+def keys_cli(env: dict[str, str], cwd: Path, *args: str, stdin: str = "") -> Any:
+    settings = {k: v for k, v in env.items() if k.startswith("COSIGNER_")}
+    return run_cosigner("keys", *args, cwd=cwd, settings=settings, stdin=stdin, check=True)
 
 
 @pytest.fixture

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import requests
 import stripe
 
-from tests.support.gateway import ADMIN_TOKEN, SECRET_KEY, GatewayProcess
+from tests.support.gateway import ADMIN_TOKEN, SECRET_KEY, GatewayProcess, clean_env, run_cosigner
 from tests.support.peers import TEST_STRIPE_KEY, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE_RULES = Path(__file__).parent / "data" / "rules_core"
-
-
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COSIGNER_")}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 def test_serve_runs_with_nothing_configured(tmp_path: Path) -> None:
@@ -30,7 +22,7 @@ def test_serve_runs_with_nothing_configured(tmp_path: Path) -> None:
     port = free_port()
     env = {"COSIGNER_LISTEN": f"127.0.0.1:{port}"}
     gw = GatewayProcess(env, tmp_path)
-    gw.env = {**_clean_env(), **env}
+    gw.env = {**clean_env(), **env}
     with gw:
         health = requests.get(gw.url + "/healthz", timeout=5)
         assert health.status_code == 200 and health.json()["rules"] > 0
@@ -51,7 +43,7 @@ def test_held_action_survives_a_restart_and_completes_after(
 ) -> None:
     port = free_port()
     env = {
-        **_clean_env(),
+        **clean_env(),
         "COSIGNER_LISTEN": f"127.0.0.1:{port}",
         "COSIGNER_UPSTREAM": fake_stripe,
         "COSIGNER_RULES": str(CORE_RULES),
@@ -87,15 +79,7 @@ def test_held_action_survives_a_restart_and_completes_after(
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_clean_env(),
-        cwd=cwd or ROOT,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_cosigner(*args, cwd=cwd or ROOT)
 
 
 def test_rules_check_accepts_the_shipped_rules_and_names_problems(tmp_path: Path) -> None:
@@ -132,20 +116,11 @@ def test_invalid_rules_stop_startup_with_a_message(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "00.yaml").write_text("version: 2\n")
-    env = {
-        **_clean_env(),
+    settings = {
         "COSIGNER_LISTEN": f"127.0.0.1:{free_port()}",
         "COSIGNER_RULES": str(rules),
         "COSIGNER_SECRET_KEY": SECRET_KEY,
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = run_cosigner("serve", cwd=tmp_path, settings=settings)
     assert proc.returncode == 2
     assert "00.yaml" in proc.stderr and "version" in proc.stderr

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from gateway.settings import Settings, display_url
 from gateway.store import store_from_url
-from tests.support.gateway import SECRET_KEY
+from tests.support.gateway import SECRET_KEY, run_cosigner
 from tests.support.peers import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 RULES = Path(__file__).parent / "data" / "rules_core"
 BUDGET_RULES = Path(__file__).parent / "data" / "rules_budget"
 PASSWORD = "pg-SECRET-pass-71c3"
@@ -30,18 +27,8 @@ def _urls(port: int) -> list[str]:
 
 
 def _cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("COSIGNER_")}
-    clean["PYTHONPATH"] = str(ROOT)
-    clean.update({f"COSIGNER_{k.upper()}": v for k, v in env.items()})
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        env=clean,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    settings = {f"COSIGNER_{k.upper()}": v for k, v in env.items()}
+    return run_cosigner(*args, cwd=cwd, settings=settings)
 
 
 @pytest.mark.parametrize("url", _urls(5432))

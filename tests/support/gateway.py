@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +25,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.keys import ACTIONS, STORE
 from gateway.settings import Settings
-from tests.support.peers import free_port
+from tests.support.peers import REPO_ROOT, free_port
 
 T = TypeVar("T")
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
@@ -118,6 +118,36 @@ async def _settle() -> None:
         if still:
             await asyncio.wait(still, timeout=5)
     await asyncio.sleep(0.05)
+
+
+def clean_env(settings: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without its COSIGNER_* settings, plus ``settings``; the
+    gateway imported from this checkout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSIGNER_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env.update(settings or {})
+    return env
+
+
+def run_cosigner(
+    *args: str,
+    cwd: Path,
+    settings: Mapping[str, str] | None = None,
+    stdin: str = "",
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway ARGS`` as a separate process, with only the COSIGNER_* variables
+    in ``settings`` (full names) and ``stdin`` as its input."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=clean_env(settings),
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
+    )
 
 
 def settings_for(
