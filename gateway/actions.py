@@ -24,7 +24,7 @@ from gateway.canonical import CanonicalRequest, with_params
 from gateway.crypto import Keyring
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.forwarder import Attempt, Forwarder, ForwardFailed, Outbound, UpstreamResponse
-from gateway.ids import new_id
+from gateway.ids import sortable_id
 from gateway.notify import Notifier
 from gateway.rules import Decision
 from gateway.store.base import (
@@ -142,7 +142,7 @@ class ActionService:
     async def hold(self, h: HoldRequest) -> tuple[ActionRecord, bool]:
         """Persist a held request durably; returns the action and whether it is new."""
         now = self._clock()
-        action_id = new_id("act_")
+        action_id = sortable_id("act_")
         req = h.request
         req_hash = request_hash(req)
         join_key = req_hash if req.method == "DELETE" else None

@@ -138,6 +138,9 @@ def create_app(
             connector=aiohttp.TCPConnector(limit=200, ttl_dns_cache=300),
             # SECURITY: never read proxy settings from the environment for the money path.
             trust_env=False,
+            # SECURITY: a cookie Stripe sets for one agent's call is never sent with another's
+            # (nor kept at all). It also spares every forward the jar's bookkeeping.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         app[keys.UPSTREAM_SESSION] = session
         app[keys.FORWARDER] = Forwarder(

@@ -211,6 +211,8 @@ def callback_session() -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=TIMEOUT),
         # Receivers are the operator's own services; no proxy settings from the environment.
         trust_env=False,
+        # One receiver's cookies are never sent to another, nor kept at all.
+        cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": "Cosigner-Callbacks/1"},
     )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -27,18 +28,39 @@ from gateway.errors import InvalidRequest, MethodNotAllowed
 from gateway.forwarder import response_headers
 from gateway.logs import JsonFormatter, TextFormatter
 from gateway.rules import RuleRequest, RuleSet, parse_rules
-from tests.support.gateway import SECRET_KEY, GatewayProcess
-from tests.support.peers import free_port
+from tests.support.gateway import SECRET_KEY, GatewayProcess, gateway_thread, settings_for
+from tests.support.peers import TEST_STRIPE_KEY, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+CORE_RULES = ROOT / "tests" / "data" / "rules_core"
 
 # --- ids --------------------------------------------------------------------------------
 
 
-def test_request_ids_look_as_before_and_do_not_repeat() -> None:
+def test_request_ids_are_url_safe_do_not_repeat_and_sort_by_time() -> None:
     made = [ids.request_id() for _ in range(20_000)]  # several refills of the buffer
     assert len(set(made)) == len(made)
-    assert all(re.fullmatch(r"req_[A-Za-z0-9_-]{16}", rid) for rid in made)
+    assert all(re.fullmatch(r"req_[A-Za-z0-9_-]{20}", rid) for rid in made)
+    time.sleep(0.002)
+    later = ids.request_id()
+    assert all(rid < later for rid in made)
+    # The random part (after the 8 characters of time) uses the whole alphabet.
+    assert len(set("".join(rid[12:] for rid in made))) == 64
+
+
+def test_action_ids_keep_their_shape_and_sort_by_time() -> None:
+    made = [ids.sortable_id("act_") for _ in range(2_000)]
+    assert len(set(made)) == len(made)
+    assert all(re.fullmatch(r"act_[A-Za-z0-9]{16}", aid) for aid in made)
+    time.sleep(0.002)
+    later = ids.sortable_id("act_")
+    assert all(aid < later for aid in made)
+    # The first 7 characters are the time in ms, in base 62 (digits, upper, lower case).
+    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    stamp = 0
+    for char in later[4:11]:
+        stamp = stamp * 62 + digits.index(char)
+    assert abs(stamp - time.time() * 1000) < 5_000
 
 
 def test_object_ids_use_every_character_evenly() -> None:
@@ -174,6 +196,43 @@ def test_parameters_in_one_place_are_read_whole() -> None:
 
 
 # --- upstream headers -------------------------------------------------------------------
+
+
+def test_a_cookie_stripe_sets_is_never_sent_back(tmp_path: Path) -> None:
+    """Stripe's Set-Cookie for one agent's call must not ride along with the next call."""
+    cookies: list[str | None] = []
+
+    async def stripe(request: web.Request) -> web.Response:
+        cookies.append(request.headers.get("Cookie"))
+        return web.json_response(
+            {"id": "ch_1", "object": "charge"}, headers={"Set-Cookie": "session=first; Path=/"}
+        )
+
+    upstream = web.Application()
+    upstream.router.add_get("/v1/charges/ch_1", stripe)
+    runner = web.AppRunner(upstream, access_log=None)
+    port = free_port()
+    # By name: aiohttp's default jar keeps no cookies from IP addresses, Stripe has a name.
+    settings = settings_for(tmp_path, f"http://localhost:{port}", CORE_RULES)
+
+    async def start() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    with gateway_thread(settings) as gw:
+        gw.call(start())
+        try:
+            for key in (TEST_STRIPE_KEY, TEST_STRIPE_KEY[:-4] + "0000"):
+                resp = requests.get(
+                    gw.url + "/v1/charges/ch_1",
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=30,
+                )
+                assert resp.status_code == 200
+                assert resp.headers["Set-Cookie"] == "session=first; Path=/"  # passed on as is
+        finally:
+            gw.call(runner.cleanup())
+    assert cookies == [None, None]
 
 
 def test_hop_by_hop_headers_go_in_any_case_and_the_rest_stay_in_order() -> None:
