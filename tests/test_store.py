@@ -787,6 +787,33 @@ async def test_a_failing_deferred_statement_fails_only_its_own_transaction(
         await store.close()
 
 
+async def test_an_action_without_keys_is_written_with_the_last_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No Idempotency-Key and no join key: nothing to collide with, so the hold needs no
+    # answer from its INSERT and the whole transaction is one trip to the writer thread.
+    store = await _sqlite(tmp_path)
+    trips: list[object] = []
+    submit = store._w.submit
+    monkeypatch.setattr(store._w, "submit", lambda step: trips.append(step) or submit(step))
+    try:
+        first = action()
+        async with store.transaction() as tx:
+            assert await tx.insert_action(first) is first
+            await tx.add_event(EventRecord(first.id, 1.0, "held", {}))
+        assert len(trips) == 1
+        assert await store.get_action(first.id) == first
+        # Its id taken after all: the transaction fails whole, the first action is untouched.
+        with pytest.raises(sqlite3.IntegrityError):
+            async with store.transaction() as tx:
+                await tx.insert_action(action(id=first.id, summary="another"))
+                await tx.add_event(EventRecord(first.id, 2.0, "held again", {}))
+        assert await store.get_action(first.id) == first
+        assert [e.kind for e in await store.events(first.id)] == ["held"]
+    finally:
+        await store.close()
+
+
 async def test_a_failed_commit_fails_every_member_and_the_store_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -877,7 +904,8 @@ async def test_closing_leaves_no_transaction_waiting_for_its_commit(
 
     monkeypatch.setattr(sqlite_store, "_commit", slow_commit)
     store = await _sqlite(tmp_path)
-    records = [action() for _ in range(30)]
+    # With an Idempotency-Key each insert waits for its answer: a trip under the lock.
+    records = [action(idempotency_key=f"key-{i}") for i in range(30)]
 
     first = asyncio.gather(*(insert(store, r) for r in records))
     while not store._lock.locked():

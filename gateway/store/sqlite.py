@@ -300,6 +300,11 @@ class SqliteTx:
         cols = ", ".join(ACTION_COLUMNS)
         marks = ", ".join("?" for _ in ACTION_COLUMNS)
         values = [_dump(n, getattr(action, n)) for n in ACTION_COLUMNS]
+        if action.idempotency_key is None and action.join_key is None:
+            # Nothing to collide with but its own new id: no need to wait for the INSERT's
+            # answer, so it goes with the next trip (a hold is then one trip, not two).
+            self.defer(f"INSERT INTO actions ({cols}) VALUES ({marks})", values)
+            return action
         inserted = await self.rowcount(
             f"INSERT INTO actions ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING", values
         )
