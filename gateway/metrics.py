@@ -1,9 +1,15 @@
 """Prometheus metrics: counted as things happen, or read from the store at scrape time.
 
 Counters and histograms are updated on the hot path (one dict lookup and one
-add). What the store already knows — actions by status, outbox depth — is
-read when Prometheus scrapes, never kept in step by hand, so every replica
-reports the same truth about the shared store.
+add). The two that every request touches, requests by decision and upstream
+latency, are plain numbers that become metric families at scrape time:
+prometheus-client's own Counter and Histogram take a lock and look up their
+child on every update, which cost more than the rest of the bookkeeping of a
+request. Only the event loop updates them.
+
+What the store already knows — actions by status, outbox depth — is read when
+Prometheus scrapes, never kept in step by hand, so every replica reports the
+same truth about the shared store.
 
 Each app has its own ``CollectorRegistry`` (not prometheus-client's global
 one): tests build many apps in one process, and two apps must never share counts.
@@ -11,11 +17,18 @@ one): tests build many apps in one process, and two apps must never share counts
 
 from __future__ import annotations
 
+import bisect
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -26,6 +39,7 @@ from gateway.store.base import STATUSES, OutboxStat
 OUTBOX_KINDS = ("mail", "callback")
 # Upstream answers are usually tens of milliseconds; retries and timeouts reach seconds.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LE = (*(repr(bound) for bound in LATENCY_BUCKETS), "+Inf")  # as prometheus-client spells them
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,19 +60,8 @@ class Metrics:
 
     def __init__(self, policy: Policy) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            "cosigner_requests",
-            "Requests answered, by rule decision (none: decided before or without a rule), "
-            "rule and HTTP status class.",
-            ["decision", "rule", "code"],
-            registry=self.registry,
-        )
-        self._upstream_latency = Histogram(
-            "cosigner_upstream_latency_seconds",
-            "Time of one upstream attempt (allowed calls and approved forwards).",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self._hot = _HotCollector()
+        self.registry.register(self._hot)
         self._upstream_errors = Counter(
             "cosigner_upstream_errors",
             "Upstream attempts that got no HTTP answer (connection error or timeout).",
@@ -82,28 +85,16 @@ class Metrics:
             self._forward_attempts.labels(result)
         for outcome in ("completed", "failed"):
             self._forwards.labels(outcome)
-        self._children: dict[tuple[str, str, int], Counter] = {}
         self._state = _StateCollector(policy)
         self.registry.register(self._state)
 
     def request(self, decision: str, rule: str, status: int) -> None:
         """Count one answered request."""
-        key = (decision, rule, status)
-        child = self._children.get(key)
-        if child is None:
-            if len(self._children) > 10_000:  # rule names come and go with reloads
-                self._children.clear()
-            child = self._requests.labels(
-                "none" if decision == "-" else decision,
-                "none" if rule == "-" else rule,
-                status_class(status),
-            )
-            self._children[key] = child
-        child.inc()
+        self._hot.request(decision, rule, status)
 
     def upstream(self, seconds: float, answered: bool) -> None:
         """One upstream attempt took ``seconds``; ``answered`` is False without an HTTP answer."""
-        self._upstream_latency.observe(seconds)
+        self._hot.upstream(seconds)
         if not answered:
             self._upstream_errors.inc()
 
@@ -127,6 +118,63 @@ class Metrics:
         # No await between setting the snapshot and encoding: concurrent scrapes can't mix.
         self._state.snapshot = snapshot
         return encoder(self.registry), content_type
+
+
+class _HotCollector(Collector):
+    """``cosigner_requests`` and ``cosigner_upstream_latency_seconds``, as plain numbers."""
+
+    def __init__(self) -> None:
+        self._created = time.time()
+        # (decision, rule, status) -> [count, created]; label values are made at scrape time.
+        self._requests: dict[tuple[str, str, int], list[float]] = {}
+        self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self._latency_sum = 0.0
+
+    def request(self, decision: str, rule: str, status: int) -> None:
+        key = (decision, rule, status)
+        counted = self._requests.get(key)
+        if counted is None:  # a count per label set, kept for good, as a Counter would
+            counted = self._requests[key] = [0, time.time()]
+        counted[0] += 1
+
+    def upstream(self, seconds: float) -> None:
+        self._buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._latency_sum += seconds
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "cosigner_requests",
+            "Requests answered, by rule decision (none: decided before or without a rule), "
+            "rule and HTTP status class.",
+            labels=["decision", "rule", "code"],
+        )
+        totals: dict[tuple[str, str, str], list[float]] = {}
+        for (decision, rule, status), (count, created) in list(self._requests.items()):
+            labels = (
+                "none" if decision == "-" else decision,
+                "none" if rule == "-" else rule,
+                status_class(status),
+            )
+            total = totals.setdefault(labels, [0, created])
+            total[0] += count
+            total[1] = min(total[1], created)
+        for labels, (count, created) in totals.items():
+            requests.add_metric(list(labels), count, created=created)
+        yield requests
+        name = "cosigner_upstream_latency_seconds"
+        latency = HistogramMetricFamily(
+            name, "Time of one upstream attempt (allowed calls and approved forwards)."
+        )
+        cumulative, buckets = 0, []
+        for le, count in zip(_LE, self._buckets, strict=True):
+            cumulative += count
+            buckets.append((le, float(cumulative)))
+        latency.add_metric([], buckets, self._latency_sum)
+        latency.add_sample(name + "_created", {}, self._created)
+        yield latency
 
 
 class _StateCollector(Collector):

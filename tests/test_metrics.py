@@ -7,6 +7,7 @@ from typing import Any
 
 import requests
 
+from gateway.metrics import StoreSnapshot
 from tests.support.gateway import GatewayThread, gateway_thread, settings_for
 from tests.support.peers import TEST_STRIPE_KEY, free_port
 from tests.support.scrape import scrape, value, wait_metric
@@ -152,3 +153,57 @@ def test_openmetrics_when_the_scraper_asks_for_it(tmp_path: Path) -> None:
         assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
         assert resp.text.endswith("# EOF\n")
         assert "cosigner_actions" in resp.text
+
+
+def test_request_counts_and_latency_buckets_read_as_prometheus_client_would_write_them() -> None:
+    """The hot-path numbers become the same series a Counter and a Histogram would give."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import LATENCY_BUCKETS, Metrics, status_class
+    from gateway.policy import Policy
+
+    ours = Metrics(Policy.load(RULES))
+    registry = CollectorRegistry()
+    counter = Counter("cosigner_requests", "-", ["decision", "rule", "code"], registry=registry)
+    histogram = Histogram(
+        "cosigner_upstream_latency_seconds", "-", buckets=LATENCY_BUCKETS, registry=registry
+    )
+    requests_made = [
+        ("allow", "r1", 200),
+        ("allow", "r1", 201),
+        ("-", "-", 401),
+        ("hold", "r2", 202),
+    ]
+    for decision, rule, status in requests_made:
+        ours.request(decision, rule, status)
+        counter.labels(
+            "none" if decision == "-" else decision,
+            "none" if rule == "-" else rule,
+            status_class(status),
+        ).inc()
+    # On a bucket's bound, just above it, the smallest and beyond the largest.
+    for seconds in (0.0, 0.01, 0.0100001, 0.25, 30.0, 31.0, 0.003):
+        ours.upstream(seconds, True)
+        histogram.observe(seconds)
+
+    def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if family.name in ("cosigner_requests", "cosigner_upstream_latency_seconds")
+            and not s.name.endswith("_created")
+        }
+
+    body, _ = ours.render(StoreSnapshot(None, None))
+    expected = samples(generate_latest(registry).decode())
+    assert samples(body.decode()) == expected
+    assert (
+        expected[
+            ("cosigner_requests_total", (("code", "2xx"), ("decision", "allow"), ("rule", "r1")))
+        ]
+        == 2
+    )
+    assert "cosigner_upstream_latency_seconds_created" in body.decode()
+    assert "cosigner_requests_created" in body.decode()

@@ -886,7 +886,7 @@ async def test_receipts_written_together_are_each_durable(tmp_path: Path) -> Non
         )
         assert isinstance(results[0], Exception) and "UNIQUE" in str(results[0])
         # ...and the next ones are written as usual.
-        extra = dataclasses.replace(receipts[0], id="req_extra")
+        extra = receipts[0]._replace(id="req_extra")
         await store.record_request(extra)
         assert extra in await store.requests(1000)
     finally:

@@ -685,20 +685,7 @@ class SqliteStore:
         Receipts are the hot path of allowed writes: one executemany per batch instead of a
         logical transaction per receipt.
         """
-        self._receipts.append(
-            (
-                receipt.id,
-                receipt.ts,
-                receipt.agent,
-                receipt.method,
-                receipt.path,
-                receipt.rule,
-                receipt.decision,
-                receipt.status,
-                receipt.latency_ms,
-                receipt.action_id,
-            )
-        )
+        self._receipts.append(receipt)  # a NamedTuple in the columns' order: the row itself
         if self._receipts_done is None:
             self._receipts_done = asyncio.get_running_loop().create_future()
         done = self._receipts_done
