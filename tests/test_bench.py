@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -178,3 +179,56 @@ def test_compare_reports_medians_of_its_rounds(capsys: pytest.CaptureFixture[str
     assert len(table) == 3  # header, then one row per version that ran the scenario
     assert table[1].split()[:5] == ["get", "1:HEAD~1", "200", "200", "170"]
     assert table[2].split()[:5] == ["get", "2:HEAD", "200", "200", "150"]
+
+
+# -- bench/instructions.py: instructions per request under callgrind ---------------------------
+
+
+def test_instruction_totals_are_read_per_thread_from_callgrinds_dumps(tmp_path: Path) -> None:
+    instructions = _module("instructions")
+    dump = "# callgrind format\nversion: 1\npart: 1\nthread: {t}\n\nevents: Ir\nsummary: {n}\n"
+    (tmp_path / "cg.out.1-01").write_text(dump.format(t=1, n=5000))
+    (tmp_path / "cg.out.1-02").write_text(dump.format(t=2, n=700))
+    (tmp_path / "cg.out.2-01").write_text(dump.format(t=1, n=1000))  # a second dump adds up
+    (tmp_path / "cg.out.1-03").write_text("garbage")
+    assert instructions.thread_totals(tmp_path / "cg.out") == {1: 6000, 2: 700}
+
+
+def test_the_counting_client_sends_every_request_and_counts_2xx() -> None:
+    instructions = _module("instructions")
+    load = _module("load")
+    seen: list[bytes] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.Response(status=200 if len(seen) % 5 else 404, text="x" * len(seen))
+
+    async def run() -> int:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        call = load.Call("POST", "/v1/refunds", "amount=1", {"Authorization": "Bearer k"})
+        try:
+            return await instructions._client(port, call, 23, 4)
+        finally:
+            await runner.cleanup()
+
+    ok = asyncio.run(run())
+    assert len(seen) == 23 and set(seen) == {b"amount=1"}
+    assert ok == 23 - 4  # every fifth answer was a 404
+
+
+def test_instructions_report_shows_thousands_and_the_ratio_to_bare() -> None:
+    instructions = _module("instructions")
+    rows = [
+        ("1:HEAD", {"get": (700_000.0, 3_000.0), "held": (2_000_000.0, 90_000.0)}),
+        ("bare proxy", {"get": (560_000.0, 0.0)}),
+    ]
+    table = instructions.report(rows, ["get", "held"]).splitlines()
+    assert table[1].split() == ["get", "1:HEAD", "700.0k", "3.0k", "0.80"]
+    assert table[2].split() == ["get", "bare", "proxy", "560.0k", "0.0k", "1.00"]
+    assert table[3].split() == ["held", "1:HEAD", "2,000.0k", "90.0k", "-"]
