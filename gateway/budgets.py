@@ -72,7 +72,8 @@ class Budgets:
     ) -> tuple[Decision, Reservation | None]:
         """The decision, and the budget entry taken for it if its rule has a budget."""
         decision = rules.decide(req)
-        if decision.budget is None:  # the hot path: no budget in play, no store access
+        # The hot path: no budget in play, no store access.
+        if not rules.has_budgets or decision.budget is None:
             return decision, None
         now = self._clock()
         usage: dict[str, BudgetUsage] = {}

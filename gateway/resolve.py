@@ -182,31 +182,22 @@ def _missing(params: Mapping[str, Any], name: str) -> bool:
     return params.get(name) is None
 
 
-def _rules_ask_for(rules: RuleSet, method: str, path: str, field: str) -> bool:
-    """Could a rule for this method and path test ``field``? (Cheap: no regex on params.)"""
-    for rule in rules.rules:
-        if rule.methods is not None and method not in rule.methods:
-            continue
-        if rule.path_regex is not None and rule.path_regex.fullmatch(path) is None:
-            continue
-        if any(cond.field == field for cond in rule.conditions):
-            return True
-    return False
-
-
 def needs_resolution(req: CanonicalRequest, rules: RuleSet) -> Target | None:
     """The object to read before the rules decide, or None (the usual case: no read)."""
-    target = target_of(req.method, req.path, req.params)
+    method = req.method.upper()
+    if method not in _TARGETS_BY_METHOD:  # a read (most traffic) is about nothing to look up
+        return None
+    params = req.params
+    # With an amount sent, a read could only tell the currency: a refund carries none, and
+    # it is read only when a rule would test it. Cheapest first: no target is worked out.
+    if not _missing(params, "amount") and (
+        not _missing(params, "currency") or not rules.may_test(method, req.path, "currency")
+    ):
+        return None
+    target = target_of(req.method, req.path, params)
     if target is None or target.money is None:
         return None
-    if _missing(req.params, "amount"):
-        return target
-    # A refund carries no currency: read it only when a rule would test it.
-    if _missing(req.params, "currency") and _rules_ask_for(
-        rules, req.method.upper(), req.path, "currency"
-    ):
-        return target
-    return None
+    return target
 
 
 # -- reading -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import stripe
@@ -165,6 +165,34 @@ rules:
     match: {method: POST, path: /v1/other}
     action: allow
 """
+
+
+class _NoStore:
+    """A store that must not be used: no budget is in play."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the store was used ({name})")
+
+
+async def test_no_budget_in_play_never_touches_the_store() -> None:
+    budgets = Budgets(cast(Store, _NoStore()), clock=Clock(1000.0))
+    plain = parse_rules(
+        {"10.yaml": "version: 1\nrules: [{name: r, match: {path: /v1/a}, action: allow}]\n"}
+    )
+    chained = parse_rules({"10.yaml": CHAINED})  # has budgets, but not on /v1/other
+    assert not plain.has_budgets and chained.has_budgets
+    for rules, req, rule in [
+        (plain, RuleRequest("POST", "/v1/a", {}), "r"),
+        (plain, RuleRequest("POST", "/v1/b", {}), "defaults.write"),
+        (plain, RuleRequest("GET", "/v1/b", {}), "defaults.read"),
+        (chained, RuleRequest("POST", "/v1/other", {}), "unbudgeted"),
+        (chained, RuleRequest("GET", "/v1/things", {}), "defaults.read"),
+    ]:
+        decision, reservation = await budgets.decide(rules, req, "req_1")
+        assert (decision.rule, reservation) == (rule, None)
+        assert decision == rules.decide(req)  # the rules' own decision, reason and all
+    with pytest.raises(AssertionError, match="the store was used"):
+        await budgets.decide(chained, RuleRequest("POST", "/v1/things", {}), "req_2")
 
 
 async def test_each_budgeted_rule_in_turn_then_the_default(store: Store) -> None:

@@ -17,7 +17,10 @@ import pytest
 import requests
 import stripe
 
+from gateway.canonical import CanonicalRequest
 from gateway.crypto import mask_key
+from gateway.resolve import Target, needs_resolution, target_of
+from gateway.rules import RuleSet, parse_rules
 from tests.support.gateway import GatewayThread, gateway_thread, settings_for
 from tests.support.peers import SETUP_HEADER, TEST_STRIPE_KEY
 
@@ -322,3 +325,78 @@ def test_currency_conditions_on_refunds_use_the_charges_currency(
         }
     (forward,) = upstream.requests(method="POST", path="/v1/refunds")
     assert forward["params"] == {"charge": eur, "amount": "500"}  # no currency added
+
+
+# -- which requests are looked up before the rules decide (no Stripe needed) -----------------
+
+_CURRENCY_RULE = """
+version: 1
+rules:
+  - name: eur-refunds
+    match: {method: POST, path: /v1/refunds}
+    when: {currency: eur}
+    action: allow
+  - name: small
+    match: {path: /v1/**}
+    when: {amount: {lte: 5}}
+    action: allow
+"""
+_NO_CURRENCY_RULE = _CURRENCY_RULE.replace("when: {currency: eur}", "when: {charge: ch_1}")
+
+
+def _canonical(method: str, path: str, params: dict[str, Any]) -> CanonicalRequest:
+    return CanonicalRequest(
+        method=method, path=path, query="", params=params, body=b"", content_type=None
+    )
+
+
+def _looked_up_as_always(req: CanonicalRequest, rules: RuleSet) -> Target | None:
+    """The rule as first written: the target first, then every rule walked for 'currency'."""
+    target = target_of(req.method, req.path, req.params)
+    if target is None or target.money is None:
+        return None
+    if req.params.get("amount") is None:
+        return target
+    asks = any(
+        (rule.methods is None or req.method in rule.methods)
+        and (rule.path_regex is None or rule.path_regex.fullmatch(req.path) is not None)
+        and any(cond.field == "currency" for cond in rule.conditions)
+        for rule in rules.rules
+    )
+    return target if req.params.get("currency") is None and asks else None
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "with_rule", "without_rule"),
+    [
+        ("POST", "/v1/refunds", {"charge": "ch_1", "amount": "100"}, "charge", None),
+        ("POST", "/v1/refunds", {"charge": "ch_1", "amount": "1", "currency": "eur"}, None, None),
+        ("POST", "/v1/refunds", {"charge": "ch_1"}, "charge", "charge"),
+        ("POST", "/v1/refunds", {"charge": "ch_1", "amount": None}, "charge", "charge"),
+        ("POST", "/v1/refunds", {"payment_intent": "pi_1"}, "payment_intent", "payment_intent"),
+        ("POST", "/v1/refunds", {"charge": "a b"}, None, None),  # not a Stripe id
+        ("POST", "/v1/refunds", {"amount": "100"}, None, None),  # nothing to read
+        ("POST", "/v1/charges/ch_1/refunds", {"amount": "5"}, None, None),  # other path
+        ("POST", "/v1/charges/ch_1/refund", {}, "charge", "charge"),
+        ("POST", "/v1/invoices/in_1/pay", {}, "invoice", "invoice"),
+        ("POST", "/v1/invoices/in_1/void", {}, None, None),  # implies no money
+        ("POST", "/v1/disputes/dp_1/close", {}, "dispute", "dispute"),
+        ("DELETE", "/v1/subscriptions/sub_1", {}, None, None),
+        ("POST", "/v1/customers", {"amount": "5"}, None, None),
+        ("GET", "/v1/charges/ch_1", {}, None, None),
+        ("GET", "/v1/refunds", {"charge": "ch_1"}, None, None),
+    ],
+)
+def test_which_requests_are_looked_up_first(
+    method: str,
+    path: str,
+    params: dict[str, Any],
+    with_rule: str | None,
+    without_rule: str | None,
+) -> None:
+    req = _canonical(method, path, params)
+    for text, kind in ((_CURRENCY_RULE, with_rule), (_NO_CURRENCY_RULE, without_rule)):
+        rules = parse_rules({"10-x.yaml": text})
+        target = needs_resolution(req, rules)
+        assert (target.kind if target is not None else None) == kind
+        assert target == _looked_up_as_always(req, rules)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import re
 import textwrap
 import time
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.rules import BudgetUsage, RuleRequest, RuleSet, parse_rules
+from gateway.rules import BudgetUsage, Decision, RuleRequest, RuleSet, parse_rules
 
 
 def rules(text: str, filename: str = "10-test.yaml") -> RuleSet:
@@ -670,3 +673,332 @@ def test_explain_and_decide_agree(req: RuleRequest, used: int) -> None:
     ruleset = rules(EXPLAINED)
     usage = {"budgeted-refunds": BudgetUsage(count=used)}
     assert ruleset.explain(req, usage).decision == ruleset.decide(req, usage)
+
+
+# --- decide's prepared rules and its reason, written when read ----------------------------
+#
+# decide() runs rules prepared once per rule set (text operands as sets, wildcard-free
+# paths as text) and writes a decision's reason only when it is read. These pin that it
+# decides and writes exactly what the step-by-step evaluation (explain) does.
+
+SHAPES = """
+rules:
+  - name: text-eq
+    match: {method: POST, path: /v1/refunds}
+    when: {metadata.bench: allow}
+    action: allow
+  - name: agent-account
+    match: {method: [POST, DELETE], path: /v1/customers/*, agent: [bot, a b], account: acct_1}
+    action: hold
+  - name: numbers
+    match: {path: /v1/charges}
+    when: {amount: {gte: 1, lte: 5000}, currency: {in: [eur, usd]}}
+    action: allow
+  - name: mixed
+    match: {method: POST, path: /v1/payouts}
+    when:
+      metadata.k: {exists: false}
+      description: {matches: 'inv-[0-9]+'}
+      currency: {ne: usd}
+      method_type: {not_in: [instant, 5]}
+      destination: {exists: true}
+    action: deny
+  - name: nested
+    match: {path: /v2/**}
+    when: {items.0.price: {lt: 0.5}, flag: true}
+    action: allow
+  - name: odd
+    match: {path: /v1/odd}
+    when: {note: {in: [a b, "x'y", "é", "tab\\there"]}}
+    action: allow
+  - name: budgeted
+    match: {method: POST, path: /v1/transfers}
+    budget: {count: 5, sum: {field: amount, max: 1000}, per: 24h}
+    action: allow
+"""
+
+_PAYOUT = {
+    "metadata": {},
+    "description": "inv-42",
+    "currency": "eur",
+    "method_type": "standard",
+    "destination": {"id": "ba_1"},
+}
+
+# The reasons as the engine wrote them when it wrote every reason at once.
+REASON_CASES: list[tuple[RuleRequest, dict[str, BudgetUsage] | None, str, str, int | None]] = [
+    (
+        request(metadata={"bench": "allow"}),
+        None,
+        "text-eq",
+        "POST /v1/refunds, metadata.bench 'allow' eq 'allow'",
+        None,
+    ),
+    (
+        request("post", metadata={"bench": "allow"}, amount="1"),
+        None,
+        "text-eq",
+        "POST /v1/refunds, metadata.bench 'allow' eq 'allow'",
+        None,
+    ),
+    (
+        request("DELETE", "/v1/customers/cus_1", agent="a b", account="acct_1"),
+        None,
+        "agent-account",
+        "DELETE /v1/customers/cus_1, agent 'a b', account acct_1",
+        None,
+    ),
+    (
+        request(path="/v1/charges", amount="4999", currency="eur"),
+        None,
+        "numbers",
+        "POST /v1/charges, amount 4999 lte 5000, amount 4999 gte 1,"
+        " currency 'eur' in ['eur', 'usd']",
+        None,
+    ),
+    (
+        request(path="/v1/charges", amount=5000, currency="usd"),
+        None,
+        "numbers",
+        "POST /v1/charges, amount 5000 lte 5000, amount 5000 gte 1,"
+        " currency 'usd' in ['eur', 'usd']",
+        None,
+    ),
+    (
+        request(path="/v1/payouts", **_PAYOUT),
+        None,
+        "mixed",
+        "POST /v1/payouts, metadata.k is absent, description 'inv-42' matches 'inv-[0-9]+',"
+        " currency 'eur' ne 'usd', method_type 'standard' not_in ['instant', 5],"
+        " destination exists",
+        None,
+    ),
+    (
+        request(path="/v2/core/x", items=[{"price": 0.25}], flag=True),
+        None,
+        "nested",
+        "POST /v2/core/x, items.0.price 0.25 lt 0.5, flag true eq true",
+        None,
+    ),
+    (
+        request(path="/v2/" + "a" * 70, items=[{"price": Decimal("0.1")}], flag="true"),
+        None,
+        "nested",
+        "POST '/v2/" + "a" * 56 + "'..., items.0.price 0.1 lt 0.5, flag 'true' eq true",
+        None,
+    ),
+    (
+        request(path="/v1/odd", note="x'y"),
+        None,
+        "odd",
+        """POST /v1/odd, note "x'y" in ['a b', "x'y", 'é', 'tab\\there']""",
+        None,
+    ),
+    (
+        request(path="/v1/odd", note="tab\there"),
+        None,
+        "odd",
+        """POST /v1/odd, note 'tab\\there' in ['a b', "x'y", 'é', 'tab\\there']""",
+        None,
+    ),
+    (
+        request(path="/v1/transfers", amount="300"),
+        {"budgeted": BudgetUsage(count=2, total=100)},
+        "budgeted",
+        "POST /v1/transfers, budget 3/5 in 24h, sum 100 + 300 <= 1000 in 24h",
+        300,
+    ),
+    (
+        request(path="/v1/transfers", amount=700),
+        None,
+        "budgeted",
+        "POST /v1/transfers, budget 1/5 in 24h, sum 0 + 700 <= 1000 in 24h",
+        700,
+    ),
+]
+
+
+@pytest.mark.parametrize(("req", "usage", "rule", "why", "amount"), REASON_CASES)
+def test_a_reason_reads_exactly_as_it_always_has(
+    req: RuleRequest,
+    usage: dict[str, BudgetUsage] | None,
+    rule: str,
+    why: str,
+    amount: int | None,
+) -> None:
+    ruleset = rules(SHAPES, "20-shapes.yaml")
+    decision = ruleset.decide(req, usage)
+    reason = f"rule '{rule}' (20-shapes.yaml) matched: {why}"
+    assert (decision.rule, decision.reason, decision.budget_amount) == (rule, reason, amount)
+    assert decision.reason == reason  # read again: the same text
+    explanation = ruleset.explain(req, usage)
+    assert explanation.decision == decision
+    assert explanation.steps[-1].why == why
+    assert f"   reason: {reason}" in explanation.render()
+
+
+def test_explain_renders_as_it_always_has() -> None:
+    explanation = rules(SHAPES, "20-shapes.yaml").explain(request(path="/v1/payouts", **_PAYOUT))
+    matched = (
+        "POST /v1/payouts, metadata.k is absent, description 'inv-42' matches 'inv-[0-9]+',"
+        " currency 'eur' ne 'usd', method_type 'standard' not_in ['instant', 5], destination exists"
+    )
+    assert explanation.render() == "\n".join(
+        [
+            "POST /v1/payouts  agent: (none)  account: (none)",
+            "   1. no    text-eq (20-shapes.yaml): path /v1/payouts does not match /v1/refunds",
+            "   2. no    agent-account (20-shapes.yaml):"
+            " path /v1/payouts does not match /v1/customers/*",
+            "   3. no    numbers (20-shapes.yaml): path /v1/payouts does not match /v1/charges",
+            f"   4. MATCH mixed (20-shapes.yaml): {matched}",
+            "=> DENY by rule 'mixed' (20-shapes.yaml)",
+            f"   reason: rule 'mixed' (20-shapes.yaml) matched: {matched}",
+            "   message: Denied by rule 'mixed'.",
+        ]
+    )
+
+
+def test_a_reason_is_of_the_request_as_it_was_decided() -> None:
+    ruleset = rules(SHAPES, "20-shapes.yaml")
+    params: dict[str, Any] = {"amount": "4999", "currency": "eur"}
+    decision = ruleset.decide(RuleRequest("POST", "/v1/charges", params))
+    params["amount"], params["currency"] = "1", "usd"  # changed after the decision
+    assert decision.reason == (
+        "rule 'numbers' (20-shapes.yaml) matched: POST /v1/charges,"
+        " amount 4999 lte 5000, amount 4999 gte 1, currency 'eur' in ['eur', 'usd']"
+    )
+
+
+def test_a_decision_compares_hashes_shows_and_pickles_as_the_dataclass_did() -> None:
+    ruleset = rules(SHAPES, "20-shapes.yaml")
+    first = ruleset.decide(request(metadata={"bench": "allow"}))
+    again = ruleset.decide(request(metadata={"bench": "allow"}, amount="5"))
+    assert first == again and hash(first) == hash(again) and first is not again
+    other = ruleset.decide(request(path="/v1/charges", amount="5", currency="eur"))
+    same_rule = ruleset.decide(request(path="/v1/charges", amount="6", currency="eur"))
+    assert other != same_rule  # the same rule, a different reason
+    assert first != "allow" and first != other
+    assert repr(first) == (
+        "Decision(action='allow', rule='text-eq', reason=\"rule 'text-eq' (20-shapes.yaml)"
+        " matched: POST /v1/refunds, metadata.bench 'allow' eq 'allow'\", message=None,"
+        " reviewers=(), approvals=1, expires_after=86400, editable=(), callback=None,"
+        " budget=None, source='20-shapes.yaml', budget_amount=None)"
+    )
+    for copied in (pickle.loads(pickle.dumps(first)), copy.copy(first), copy.deepcopy(other)):
+        assert copied == (first if copied.rule == "text-eq" else other)
+    default = ruleset.decide(request("GET", "/v1/balance"))
+    assert default == RuleSet(default_read="allow").decide(request("GET", "/v1/balance"))
+    match first:
+        case Decision("allow", "text-eq", reason):
+            assert reason == first.reason
+        case _:
+            pytest.fail("a decision matches positionally, as the dataclass did")
+
+
+@pytest.mark.parametrize("name", Decision.__match_args__)
+def test_a_decision_is_immutable(name: str) -> None:
+    decision = rules(SHAPES).decide(request(metadata={"bench": "allow"}))
+    before = getattr(decision, name)
+    with pytest.raises(AttributeError):
+        setattr(decision, name, "changed")
+    with pytest.raises(AttributeError):
+        delattr(decision, name)
+    assert getattr(decision, name) == before
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "expected"),
+    [
+        ("/v1/a.b", "/v1/a.b", True),
+        ("/v1/a.b", "/v1/aXb", False),  # '.' is a dot, not any character
+        ("/v1/a.b", "/v1/a.bc", False),
+        ("/v1/a.b", "/v1/a.b/c", False),
+        ("/v1/a+b", "/v1/aab", False),
+        ("/v1/a+b", "/v1/a+b", True),
+        ("/", "/", True),
+        ("/", "/v1", False),
+    ],
+)
+def test_a_path_without_wildcards_matches_itself_only(
+    pattern: str, path: str, expected: bool
+) -> None:
+    ruleset = rules(f"rules: [{{name: r, match: {{path: '{pattern}'}}, action: deny}}]")
+    assert (ruleset.decide(request(path=path)).rule == "r") is expected
+    assert ruleset.explain(request(path=path)).steps[0].matched is expected
+
+
+_SCALARS = ["allow", "'5000'", "5000", "5", "0.5", "true", "'true'", "''", "'a b'", "-3"]
+_CONDITIONS = st.one_of(
+    st.tuples(st.sampled_from(["eq", "ne"]), st.sampled_from(_SCALARS)),
+    st.tuples(
+        st.sampled_from(["in", "not_in"]),
+        st.lists(st.sampled_from(_SCALARS), min_size=1, max_size=3).map(
+            lambda items: f"[{', '.join(items)}]"
+        ),
+    ),
+    st.tuples(st.sampled_from(["lt", "lte", "gt", "gte"]), st.sampled_from(["5", "0.5", "-3"])),
+)
+_VALUES = st.one_of(
+    st.sampled_from(["allow", "5000", "5", "05", "5.0", "0.5", "-3", "+5", "true", "", "a b"]),
+    st.sampled_from([5, 5000, -3, 0.5, 5.0, True, False, None, Decimal("0.5"), 10**30]),
+    st.sampled_from([{"k": "v"}, ["allow"], ("allow",), float("nan"), float("inf")]),
+)
+
+
+@given(_CONDITIONS, _VALUES)
+def test_decide_tests_a_condition_as_explain_does(condition: tuple[str, str], value: Any) -> None:
+    op, operand = condition
+    ruleset = when(f"{{amount: {{{op}: {operand}}}}}")
+    for params in ({"amount": value}, {"x": {"amount": value}}, {}):
+        req = RuleRequest("POST", "/v1/x", params)
+        decision = ruleset.decide(req)
+        explanation = ruleset.explain(req)
+        assert explanation.decision == decision
+        assert (decision.rule == "r") is explanation.steps[0].matched
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "field", "expected"),
+    [
+        ("POST", "/v1/refunds", "currency", True),
+        ("POST", "/v1/refunds", "amount", True),
+        ("POST", "/v1/refunds", "metadata.k", True),
+        ("DELETE", "/v1/refunds", "currency", False),  # no rule for DELETE tests it
+        ("POST", "/v1/charges", "currency", False),
+        ("POST", "/v1/charges", "amount", True),  # the '/v1/**' rule, any method
+        ("GET", "/v1/charges/ch_1", "amount", True),
+        ("GET", "/v2/x", "amount", False),
+        ("POST", "/v1/refunds", "description", False),
+    ],
+)
+def test_may_test_names_the_fields_rules_could_test(
+    method: str, path: str, field: str, expected: bool
+) -> None:
+    ruleset = rules(
+        """
+        rules:
+          - name: eur
+            match: {method: POST, path: /v1/refunds}
+            when: {currency: eur, metadata.k: {exists: true}}
+            action: allow
+          - name: small
+            match: {path: /v1/**}
+            when: {amount: {lte: 5}}
+            action: allow
+        """
+    )
+    assert ruleset.may_test(method, path, field) is expected
+    # What it answers is what a walk over every rule answers.
+    walked = any(
+        (rule.methods is None or method in rule.methods)
+        and (rule.path_regex is None or rule.path_regex.fullmatch(path) is not None)
+        and any(cond.field == field for cond in rule.conditions)
+        for rule in ruleset.rules
+    )
+    assert walked is expected
+
+
+def test_has_budgets_says_whether_any_rule_has_one() -> None:
+    assert not RuleSet().has_budgets
+    assert not rules(SHAPES.replace("budget:", "# budget:")).has_budgets
+    assert rules(SHAPES).has_budgets

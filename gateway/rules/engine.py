@@ -3,19 +3,23 @@
 Pure by design: no I/O, no clock, no store. Budget usage is handed in by the
 caller, so ``decide`` and ``explain`` give the same answer offline.
 
-``decide`` and ``explain`` share one evaluation routine (``_evaluate``); the
-``reason`` of a decision and the text of an explanation are written by the same
-code that made the decision, so they cannot drift apart.
+``decide`` and ``explain`` run the same tests in the same order: ``explain``
+through ``_evaluate``, which says why at each step, ``decide`` through rules
+prepared once per rule set (``_Plan``), which says nothing. Both decide a
+condition with ``_judge`` and write why a rule matched with ``_matched_why``;
+``decide`` only when its decision's ``reason`` is read. So the ``reason`` of a
+decision and the text of an explanation are written by the same code, from what
+the tests saw, and cannot drift apart.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 ActionKind = Literal["allow", "hold", "deny"]
 OpKind = Literal["eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in", "exists", "matches"]
@@ -64,12 +68,11 @@ class BudgetUsage:
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
-    """What to do with a request, which rule said so, and why."""
+class _Verdict:
+    """What a decision says that does not depend on the request: one per rule, and per default."""
 
     action: ActionKind
     rule: str
-    reason: str
     message: str | None = None
     reviewers: tuple[str, ...] = ()
     approvals: int = 1
@@ -78,7 +81,144 @@ class Decision:
     callback: str | None = None
     budget: Budget | None = None
     source: str | None = None
-    budget_amount: int | None = None
+
+
+class Decision:
+    """What to do with a request, which rule said so, and why.
+
+    Immutable: every field is a read-only property over one private slot, which
+    only this module writes (a plain slot is far cheaper to fill than the frozen
+    dataclass this was, and ``decide`` makes one per matched request).
+
+    ``reason`` is written when it is first read: most decisions (an allowed
+    request) are never asked why. ``decide`` keeps what the text is made of (the
+    rule, the request and the values its conditions saw) and the code that writes
+    ``explain``'s text writes it then, so it reads exactly as if written at once.
+    """
+
+    __slots__ = ("_state",)
+    __match_args__ = (
+        "action",
+        "rule",
+        "reason",
+        "message",
+        "reviewers",
+        "approvals",
+        "expires_after",
+        "editable",
+        "callback",
+        "budget",
+        "source",
+        "budget_amount",
+    )
+
+    # The rule's constant part, the reason (or what it is written from), the budget amount.
+    _state: tuple[_Verdict, str | _Hit, int | None]
+
+    def __init__(
+        self,
+        action: ActionKind,
+        rule: str,
+        reason: str,
+        message: str | None = None,
+        reviewers: tuple[str, ...] = (),
+        approvals: int = 1,
+        expires_after: int = DEFAULT_EXPIRES_AFTER,
+        editable: tuple[str, ...] = (),
+        callback: str | None = None,
+        budget: Budget | None = None,
+        source: str | None = None,
+        budget_amount: int | None = None,
+    ) -> None:
+        verdict = _Verdict(
+            action=action,
+            rule=rule,
+            message=message,
+            reviewers=reviewers,
+            approvals=approvals,
+            expires_after=expires_after,
+            editable=editable,
+            callback=callback,
+            budget=budget,
+            source=source,
+        )
+        self._state = (verdict, reason, budget_amount)
+
+    @property
+    def action(self) -> ActionKind:
+        return self._state[0].action
+
+    @property
+    def rule(self) -> str:
+        return self._state[0].rule
+
+    @property
+    def reason(self) -> str:
+        verdict, reason, amount = self._state
+        if isinstance(reason, str):
+            return reason
+        text = _matched_reason(*reason)
+        self._state = (verdict, text, amount)  # written once: the same text every time
+        return text
+
+    @property
+    def message(self) -> str | None:
+        return self._state[0].message
+
+    @property
+    def reviewers(self) -> tuple[str, ...]:
+        return self._state[0].reviewers
+
+    @property
+    def approvals(self) -> int:
+        return self._state[0].approvals
+
+    @property
+    def expires_after(self) -> int:
+        return self._state[0].expires_after
+
+    @property
+    def editable(self) -> tuple[str, ...]:
+        return self._state[0].editable
+
+    @property
+    def callback(self) -> str | None:
+        return self._state[0].callback
+
+    @property
+    def budget(self) -> Budget | None:
+        return self._state[0].budget
+
+    @property
+    def source(self) -> str | None:
+        return self._state[0].source
+
+    @property
+    def budget_amount(self) -> int | None:
+        return self._state[2]
+
+    # Compared, hashed, shown and pickled as the dataclass it was: field by field.
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__match_args__)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
+        return f"Decision({shown})"
+
+    def __reduce__(self) -> tuple[type[Decision], tuple[Any, ...]]:
+        return Decision, self._fields()
+
+
+_new_decision = object.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +341,69 @@ class _Outcome:
     amount: int | None = None  # the sum budget's field, when the rule has one
 
 
-_MISS = _Outcome(False)
 _ZERO = BudgetUsage()
+
+# What a matched rule's reason is written from: the rule, the request's method (upper
+# case), the request, what each condition saw (in order) and what its budget said.
+_Hit = tuple[CompiledRule, str, RuleRequest, Sequence[Any], str | None]
+
+
+class _Check(NamedTuple):
+    """One condition, prepared for ``decide``."""
+
+    cond: Condition
+    parts: tuple[str, ...]
+    exists: bool
+    # eq, ne, in and not_in on operands none of which is a number: a string value
+    # holds exactly when ``(value in texts) == positive`` (see _judge).
+    texts: frozenset[str] | None
+    positive: bool
+
+
+class _Plan(NamedTuple):
+    """One rule, prepared for ``decide``: the same tests as _evaluate, none of the words."""
+
+    rule: CompiledRule
+    literal: str | None  # the one path a pattern without wildcards matches: compared as text
+    path: Callable[[str], re.Match[str] | None] | None  # else the path pattern's fullmatch
+    agents: frozenset[str] | None
+    accounts: frozenset[str] | None
+    checks: tuple[_Check, ...]
+    verdict: _Verdict
+
+
+def _check(cond: Condition) -> _Check:
+    texts: frozenset[str] | None = None
+    if cond.op in ("eq", "ne", "in", "not_in") and all(o.number is None for o in cond.operands):
+        texts = frozenset(operand.text for operand in cond.operands)
+    return _Check(cond, cond.parts, cond.op == "exists", texts, cond.op in ("eq", "in"))
+
+
+def _plan(rule: CompiledRule) -> _Plan:
+    verdict = _Verdict(
+        action=rule.action,
+        rule=rule.name,
+        message=_message(rule),
+        reviewers=rule.reviewers,
+        approvals=rule.approvals,
+        expires_after=rule.expires_after,
+        editable=rule.editable,
+        callback=rule.callback,
+        budget=rule.budget,
+        source=rule.source,
+    )
+    literal = _literal_path(rule)
+    path = rule.path_regex.fullmatch if rule.path_regex is not None and literal is None else None
+    checks = tuple(_check(cond) for cond in rule.conditions)
+    return _Plan(rule, literal, path, rule.agents, rule.accounts, checks, verdict)
+
+
+def _literal_path(rule: CompiledRule) -> str | None:
+    """The path itself when the rule's pattern has no wildcard, else None."""
+    if rule.path is None or rule.path_regex is None or "*" in rule.path:
+        return None
+    # Without '*', compile_path escapes the pattern whole: it fullmatches that one string.
+    return rule.path if rule.path_regex == compile_path(rule.path) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,29 +415,64 @@ class RuleSet:
     default_write: ActionKind = "hold"
     defaults_source: str | None = None  # the file that declared the defaults, if any
     # Built once: per method, the rules that can match it (in order) and the default decision.
-    _by_method: dict[str, tuple[CompiledRule, ...]] = field(
+    _by_method: dict[str, tuple[tuple[_Plan, ...], Decision]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
-    _defaults: dict[str, Decision] = field(
+    _plans: tuple[_Plan, ...] = field(init=False, repr=False, compare=False, default=())
+    has_budgets: bool = field(init=False, repr=False, compare=False, default=False)
+    # Per field, the rules with a condition on it (in order): see ``may_test``.
+    _testing: dict[str, tuple[CompiledRule, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_plans", tuple(_plan(rule) for rule in self.rules))
         for method in INDEXED_METHODS:
-            self._by_method[method] = tuple(
-                rule for rule in self.rules if rule.methods is None or method in rule.methods
-            )
-            self._defaults[method] = self._default_decision(method)
+            self._by_method[method] = self._for_method(method)
+        object.__setattr__(self, "has_budgets", any(r.budget is not None for r in self.rules))
+        for rule in self.rules:
+            for name in dict.fromkeys(cond.field for cond in rule.conditions):
+                self._testing[name] = (*self._testing.get(name, ()), rule)
 
     def decide(self, req: RuleRequest, usage: Mapping[str, BudgetUsage] | None = None) -> Decision:
-        """The first matching rule's decision, or the default one."""
+        """The first matching rule's decision, or the default one.
+
+        The same tests as ``explain`` (``_evaluate``), in the same order, without
+        writing why: the reason is written only if it is read.
+        """
         method = req.method.upper()
         # A rule for other methods would miss on the method: only these can match.
-        for rule in self._by_method.get(method, self.rules):
-            outcome = _evaluate(rule, req, method, usage, verbose=False)
-            if outcome.matched:
-                return _rule_decision(rule, outcome)
-        return self._defaults.get(method) or self._default_decision(method)
+        plans, default = self._by_method.get(method) or self._for_method(method)
+        for rule, literal, path, agents, accounts, checks, verdict in plans:
+            if literal is not None:
+                if req.path != literal:
+                    continue
+            elif path is not None and path(req.path) is None:
+                continue
+            if agents is not None and req.agent not in agents:
+                continue
+            if accounts is not None and (req.account is None or req.account not in accounts):
+                continue
+            values: Sequence[Any] = ()
+            if checks:
+                seen = _check_all(checks, req.params)
+                if seen is None:
+                    continue
+                values = seen
+            amount: int | None = None
+            budget_why: str | None = None
+            if rule.budget is not None:
+                used = _usage_of(usage, rule.name)
+                fits, budget_why, amount = _fit_budget(
+                    rule.budget, rule.sum_parts, used, req.params
+                )
+                if not fits:
+                    continue
+            # The reason is written if read (Decision.reason), from what the tests saw.
+            decision: Decision = _new_decision(Decision)
+            decision._state = (verdict, (rule, method, req, values, budget_why), amount)
+            return decision
+        return default
 
     def explain(
         self, req: RuleRequest, usage: Mapping[str, BudgetUsage] | None = None
@@ -245,7 +481,7 @@ class RuleSet:
         method = req.method.upper()
         steps: list[ExplanationStep] = []
         for rule in self.rules:
-            outcome = _evaluate(rule, req, method, usage, verbose=True)
+            outcome = _evaluate(rule, req, method, usage)
             steps.append(ExplanationStep(rule.name, rule.source, outcome.matched, outcome.why))
             if outcome.matched:
                 used = _usage_of(usage, rule.name) if rule.budget is not None else None
@@ -255,6 +491,20 @@ class RuleSet:
     def budgeted_rules(self) -> tuple[CompiledRule, ...]:
         """The rules that carry a budget."""
         return tuple(rule for rule in self.rules if rule.budget is not None)
+
+    def may_test(self, method: str, path: str, name: str) -> bool:
+        """Could a rule for this method (upper case) and path test the field ``name``?"""
+        for rule in self._testing.get(name, ()):
+            if rule.methods is not None and method not in rule.methods:
+                continue
+            if rule.path_regex is None or rule.path_regex.fullmatch(path) is not None:
+                return True
+        return False
+
+    def _for_method(self, method: str) -> tuple[tuple[_Plan, ...], Decision]:
+        """The rules that can match this method (in order), and its default decision."""
+        plans = tuple(p for p in self._plans if p.rule.methods is None or method in p.rule.methods)
+        return plans, self._default_decision(method)
 
     def _default_decision(self, method: str) -> Decision:
         if method in READ_METHODS:
@@ -271,15 +521,43 @@ class RuleSet:
         )
 
 
+def _check_all(checks: tuple[_Check, ...], params: Mapping[str, Any]) -> list[Any] | None:
+    """What each condition saw, if all of them hold; None at the first that does not."""
+    values: list[Any] = []
+    for cond, parts, exists, texts, positive in checks:
+        # _resolve, inline while the params are plain dicts (as parsed): that is the same walk.
+        value: Any = params
+        for part in parts:
+            if type(value) is not dict:
+                present, value = _resolve(params, parts)
+                break
+            value = value.get(part)
+        else:
+            present = value is not None
+        if exists:
+            holds = present == cond.flag
+        elif texts is not None and present and type(value) is str:
+            holds = (value in texts) == positive
+        else:
+            holds = _judge(cond, present, value)[0]
+        if not holds:
+            return None
+        values.append(value)
+    return values
+
+
+def _message(rule: CompiledRule) -> str | None:
+    if rule.action == "deny" and rule.message is None:
+        return f"Denied by rule '{rule.name}'."
+    return rule.message
+
+
 def _rule_decision(rule: CompiledRule, outcome: _Outcome) -> Decision:
-    message = rule.message
-    if rule.action == "deny" and message is None:
-        message = f"Denied by rule '{rule.name}'."
     return Decision(
         action=rule.action,
         rule=rule.name,
-        reason=f"rule '{rule.name}' ({rule.source}) matched: {outcome.why}",
-        message=message,
+        reason=_reason(rule, outcome.why),
+        message=_message(rule),
         reviewers=rule.reviewers,
         approvals=rule.approvals,
         expires_after=rule.expires_after,
@@ -291,57 +569,78 @@ def _rule_decision(rule: CompiledRule, outcome: _Outcome) -> Decision:
     )
 
 
-def _evaluate(
-    rule: CompiledRule,
-    req: RuleRequest,
-    method: str,
-    usage: Mapping[str, BudgetUsage] | None,
-    *,
-    verbose: bool,
-) -> _Outcome:
-    """Does ``rule`` match ``req``? The one place matching happens.
+def _reason(rule: CompiledRule, why: str) -> str:
+    return f"rule '{rule.name}' ({rule.source}) matched: {why}"
 
-    Checks run cheapest first and stop at the first miss. ``verbose`` only
-    decides whether a miss is worth describing (``explain``) or not (``decide``).
-    """
-    if rule.methods is not None and method not in rule.methods:
-        if not verbose:
-            return _MISS
-        return _Outcome(False, f"method {method} is not {_one_of(sorted(rule.methods))}")
-    if rule.path_regex is not None and rule.path_regex.fullmatch(req.path) is None:
-        if not verbose:
-            return _MISS
-        return _Outcome(False, f"path {_show_text(req.path)} does not match {rule.path}")
+
+def _matched_reason(
+    rule: CompiledRule,
+    method: str,
+    req: RuleRequest,
+    values: Sequence[Any],
+    budget_why: str | None,
+) -> str:
+    return _reason(rule, _matched_why(rule, method, req, values, budget_why))
+
+
+def _matched_why(
+    rule: CompiledRule,
+    method: str,
+    req: RuleRequest,
+    values: Sequence[Any],
+    budget_why: str | None,
+) -> str:
+    """Why a rule matched: what each of its tests saw (``values``: one per condition)."""
     hit = [f"{method} {_show_text(req.path)}"]
     if rule.agents is not None:
-        if req.agent not in rule.agents:
-            if not verbose:
-                return _MISS
-            agent = _show_text(req.agent) if req.agent else "(none)"
-            return _Outcome(False, f"agent {agent} is not {_one_of(sorted(rule.agents))}")
         hit.append(f"agent {_show_text(req.agent)}")
     if rule.accounts is not None:
-        if req.account is None or req.account not in rule.accounts:
-            if not verbose:
-                return _MISS
-            account = "(no Stripe-Account header)" if req.account is None else req.account
-            wanted = _one_of(sorted(rule.accounts))
-            return _Outcome(False, f"account {_show_text(account)} is not {wanted}")
+        assert req.account is not None
         hit.append(f"account {_show_text(req.account)}")
+    for cond, value in zip(rule.conditions, values, strict=True):
+        # A held condition saw its field unless it asked for it to be absent.
+        present = cond.flag if cond.op == "exists" else True
+        hit.append(_test(cond, present, value)[1])
+    if budget_why is not None:
+        hit.append(budget_why)
+    return ", ".join(hit)
+
+
+def _evaluate(
+    rule: CompiledRule, req: RuleRequest, method: str, usage: Mapping[str, BudgetUsage] | None
+) -> _Outcome:
+    """Does ``rule`` match ``req``, and why (not)? What ``explain`` shows.
+
+    Checks run cheapest first and stop at the first miss. ``RuleSet.decide`` runs
+    the same checks in the same order without the words (conditions through
+    ``_judge``, as here), and has ``_matched_why`` write its reason, as here.
+    """
+    if rule.methods is not None and method not in rule.methods:
+        return _Outcome(False, f"method {method} is not {_one_of(sorted(rule.methods))}")
+    if rule.path_regex is not None and rule.path_regex.fullmatch(req.path) is None:
+        return _Outcome(False, f"path {_show_text(req.path)} does not match {rule.path}")
+    if rule.agents is not None and req.agent not in rule.agents:
+        agent = _show_text(req.agent) if req.agent else "(none)"
+        return _Outcome(False, f"agent {agent} is not {_one_of(sorted(rule.agents))}")
+    if rule.accounts is not None and (req.account is None or req.account not in rule.accounts):
+        account = "(no Stripe-Account header)" if req.account is None else req.account
+        wanted = _one_of(sorted(rule.accounts))
+        return _Outcome(False, f"account {_show_text(account)} is not {wanted}")
+    values: list[Any] = []
     for cond in rule.conditions:
         present, value = _resolve(req.params, cond.parts)
         ok, why = _test(cond, present, value)
         if not ok:
-            return _Outcome(False, why) if verbose else _MISS
-        hit.append(why)
+            return _Outcome(False, why)
+        values.append(value)
     amount: int | None = None
+    budget_why: str | None = None
     if rule.budget is not None:
         used = _usage_of(usage, rule.name)
-        fits, why, amount = _fit_budget(rule.budget, rule.sum_parts, used, req.params)
+        fits, budget_why, amount = _fit_budget(rule.budget, rule.sum_parts, used, req.params)
         if not fits:
-            return _Outcome(False, why) if verbose else _MISS
-        hit.append(why)
-    return _Outcome(True, ", ".join(hit), amount)
+            return _Outcome(False, budget_why)
+    return _Outcome(True, _matched_why(rule, method, req, values, budget_why), amount)
 
 
 def _usage_of(usage: Mapping[str, BudgetUsage] | None, name: str) -> BudgetUsage:
@@ -354,7 +653,9 @@ def _resolve(params: Mapping[str, Any], parts: tuple[str, ...]) -> tuple[bool, A
     """Follow a dotted path into nested params: ``metadata.order_id``, ``items.0.price``."""
     current: Any = params
     for part in parts:
-        if isinstance(current, Mapping):
+        if type(current) is dict:  # parsed params: a missing key is None, and None is not carried
+            current = current.get(part)
+        elif isinstance(current, Mapping):
             if part not in current:
                 return False, None
             current = current[part]
@@ -411,57 +712,74 @@ def _equal(value: Any, number: Number | None, operand: Operand) -> bool:
 
 def _test(cond: Condition, present: bool, value: Any) -> tuple[bool, str]:
     """Apply one condition; the text says why it held or did not."""
-    op = cond.op
+    ok, failed = _judge(cond, present, value)
     field = cond.field
-    if op == "exists":
-        if present == cond.flag:
+    if cond.op == "exists":
+        if ok:
             return True, f"{field} exists" if present else f"{field} is absent"
         if present:
             return False, f"{field} is present ({_show(value)}) but must be absent"
         return False, f"{field} is missing (exists: true)"
-    # A missing field fails every other operator, ne and not_in included: a refund
-    # without an amount must never pass a rule written for small amounts.
-    if not present:
+    if failed == "missing":
         return False, f"{field} is missing (needed for {cond.describe()})"
-    # Operators compare values; a whole mapping or list never satisfies one (ne included).
-    if isinstance(value, Mapping | list | tuple):
+    if failed == "not a value":
         kind = "a list" if isinstance(value, list | tuple) else "a mapping"
         return False, f"{field} is {kind}, not a value (needed for {cond.describe()})"
     shown = _show(value)
-    if op == "matches":
-        assert cond.regex is not None
-        if not isinstance(value, str):
-            return False, f"{field} {shown} is not a string (needed for {cond.describe()})"
-        ok = cond.regex.fullmatch(value) is not None
-    else:
-        number = to_number(value)
-        # Stripe reads an integer field only in integer form: to it "500.0" is no 500 (it
-        # refuses the request), so against an integer operand a decimal value satisfies no
-        # operator, ne and not_in included. "-500" is an integer and compares as -500;
-        # where a negative amount is invalid, Stripe refuses it.
-        if number is not None and not _is_integer(value, number) and _integral(cond):
-            return False, f"{field} {shown} is not an integer (needed for {cond.describe()})"
-        if op in ("lt", "lte", "gt", "gte"):
-            if number is None:
-                return False, f"{field} {shown} is not a number (needed for {cond.describe()})"
-            limit = cond.operands[0].number
-            assert limit is not None
-            if op == "lt":
-                ok = number < limit
-            elif op == "lte":
-                ok = number <= limit
-            elif op == "gt":
-                ok = number > limit
-            else:
-                ok = number >= limit
-        elif op in ("eq", "ne"):
-            ok = _equal(value, number, cond.operands[0]) == (op == "eq")
-        else:  # in, not_in
-            found = any(_equal(value, number, operand) for operand in cond.operands)
-            ok = found == (op == "in")
+    if failed:
+        return False, f"{field} {shown} is {failed} (needed for {cond.describe()})"
     if ok:
         return True, f"{field} {shown} {cond.describe()}"
     return False, f"{field} {shown} is not {cond.describe()}"
+
+
+_Failed = Literal["", "missing", "not a value", "not a string", "not an integer", "not a number"]
+
+
+def _judge(cond: Condition, present: bool, value: Any) -> tuple[bool, _Failed]:
+    """Does one condition hold? When not before its comparison, which check failed.
+
+    The one place a condition is decided: ``_test`` says why, ``decide`` does not.
+    """
+    op = cond.op
+    if op == "exists":
+        return present == cond.flag, ""
+    # A missing field fails every other operator, ne and not_in included: a refund
+    # without an amount must never pass a rule written for small amounts.
+    if not present:
+        return False, "missing"
+    # Operators compare values; a whole mapping or list never satisfies one (ne included).
+    if type(value) is not str and isinstance(value, Mapping | list | tuple):
+        return False, "not a value"
+    if op == "matches":
+        assert cond.regex is not None
+        if not isinstance(value, str):
+            return False, "not a string"
+        return cond.regex.fullmatch(value) is not None, ""
+    number = to_number(value)
+    # Stripe reads an integer field only in integer form: to it "500.0" is no 500 (it
+    # refuses the request), so against an integer operand a decimal value satisfies no
+    # operator, ne and not_in included. "-500" is an integer and compares as -500;
+    # where a negative amount is invalid, Stripe refuses it.
+    if number is not None and not _is_integer(value, number) and _integral(cond):
+        return False, "not an integer"
+    if op in ("lt", "lte", "gt", "gte"):
+        if number is None:
+            return False, "not a number"
+        limit = cond.operands[0].number
+        assert limit is not None
+        if op == "lt":
+            return number < limit, ""
+        if op == "lte":
+            return number <= limit, ""
+        if op == "gt":
+            return number > limit, ""
+        return number >= limit, ""
+    if op in ("eq", "ne"):
+        return _equal(value, number, cond.operands[0]) == (op == "eq"), ""
+    # in, not_in
+    found = any(_equal(value, number, operand) for operand in cond.operands)
+    return found == (op == "in"), ""
 
 
 def _is_integer(value: object, number: Number) -> bool:
