@@ -48,13 +48,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from codecs import unicode_escape_decode
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from itertools import pairwise
+from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import quote_plus, unquote
 
 from gateway.errors import (
+    CosignerError,
     DuplicateParameter,
     InvalidBody,
     InvalidPath,
@@ -82,8 +83,11 @@ _RAW_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _QUERY_FORBIDDEN = re.compile(r"[^\x21-\x7e]|#")
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.\-~]*")
-_KEY_TAIL = re.compile(r"(?:\[[^\[\]]*\])+")
-_SUBKEY = re.compile(r"\[([^\[\]]*)\]")
+# Plain form text (decoded): one "=" in each part, and every name, key and value spelled as
+# encode_form spells it: unreserved characters, and brackets (structure in keys, and left
+# literal in values).
+_PLAIN = r"[A-Za-z0-9_.\-~\[\]]*"
+_PLAIN_FORM = re.compile(rf"{_PLAIN}={_PLAIN}(?:&{_PLAIN}={_PLAIN})*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,32 @@ class CanonicalRequest:
         return f"{self.path}?{self.query}" if self.query else self.path
 
 
+# The slots' own setters: what a frozen dataclass's __init__ reaches through
+# object.__setattr__ for each field (most of what reading a GET cost), called directly.
+_SET_METHOD, _SET_PATH, _SET_QUERY, _SET_PARAMS, _SET_BODY, _SET_CONTENT_TYPE = (
+    vars(CanonicalRequest)[field.name].__set__ for field in fields(CanonicalRequest)
+)
+
+
+def _canonical_request(
+    method: str,
+    path: str,
+    query: str,
+    params: dict[str, Any],
+    body: bytes,
+    content_type: str | None,
+) -> CanonicalRequest:
+    """``CanonicalRequest(...)``, field for field, for less than its __init__ costs."""
+    req: CanonicalRequest = object.__new__(CanonicalRequest)
+    _SET_METHOD(req, method)
+    _SET_PATH(req, path)
+    _SET_QUERY(req, query)
+    _SET_PARAMS(req, params)
+    _SET_BODY(req, body)
+    _SET_CONTENT_TYPE(req, content_type)
+    return req
+
+
 def _show(text: str) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -113,7 +143,7 @@ def _show(text: str) -> str:
 def normalise_path(raw_path: str) -> str:
     """Normalise a still-encoded request path, or raise InvalidPath."""
     if _FAST_PATH.fullmatch(raw_path):
-        return raw_path[:-1] if raw_path.endswith("/") else raw_path
+        return raw_path[:-1] if raw_path[-1] == "/" else raw_path
     if raw_path == "/":
         return raw_path
     # SECURITY: anything but one leading "/" could name another host once joined to the upstream.
@@ -163,7 +193,7 @@ def parse_pairs(encoded: str) -> list[tuple[str, str]]:
     """Split application/x-www-form-urlencoded text into decoded (key, value) pairs, strictly."""
     if not encoded:
         return []
-    if _RAW_FORBIDDEN.search(encoded):
+    if not encoded.isprintable() and _RAW_FORBIDDEN.search(encoded):
         raise InvalidRequest("Form data may not contain raw control characters.")
     if "%" in encoded and _BAD_ESCAPE.search(encoded):
         raise InvalidRequest("Form data has an invalid percent-escape.")
@@ -182,58 +212,123 @@ def _decode_form(text: str) -> str:
     if "%" not in text:
         return text
     try:
-        return unquote(text, errors="strict")
+        return _unescape(text) if text.isascii() else unquote(text, errors="strict")
     except UnicodeDecodeError:
         raise InvalidRequest("Form data does not decode to UTF-8.") from None
 
 
-class _Obj(dict[str, Any]):
-    """An object built from ``name[sub]`` keys."""
+def _unescape(text: str) -> str:
+    """``unquote(text, errors="strict")`` for ASCII text, and UnicodeDecodeError for a bad escape.
 
-    __slots__ = ()
+    ``%XX`` becomes ``\\xXX``, which unicode_escape reads as the code point XX: as latin-1, the
+    byte XX. The bytes then decode as UTF-8 (ASCII is already what it decodes to). Backslashes
+    are doubled first to stay themselves.
+    """
+    if "\\" in text:
+        text = text.replace("\\", "\\\\")
+    latin1 = unicode_escape_decode(text.replace("%", "\\x"))[0]
+    return latin1 if latin1.isascii() else latin1.encode("latin-1").decode("utf-8")
 
 
+def _read_form(text: str) -> tuple[dict[str, Any], str]:
+    """``build_params(parse_pairs(text))`` and its ``encode_form``: the same, or the same error."""
+    usual = _read_usual_form(text)
+    if usual is not None:
+        return usual
+    params = build_params(parse_pairs(text))
+    return params, encode_form(params)
+
+
+def _read_usual_form(text: str) -> tuple[dict[str, Any], str] | None:
+    """``_read_form(text)`` for the usual text, or None: then the general way reads it.
+
+    The general way decodes each key and value alone. Decoding the whole text at once gives
+    the same pairs when no escape decodes to a separator (``%26`` to ``&``, ``%3D`` to ``=``).
+    Names in decoded text with no control character (nor anything else not printable) need
+    no check of their own. Plain text (see _PLAIN_FORM) has nothing to escape, and is often
+    its own encoding (see _build_usual). Anything else, and every invalid text, goes the
+    general way, which raises its error in its order.
+    """
+    if "%" in text:
+        if "%26" in text or "%3D" in text or "%3d" in text or not text.isascii():
+            return None
+        if "+" in text:
+            text = text.replace("+", " ")
+        try:
+            text = _unescape(text)
+        except UnicodeDecodeError:  # an invalid escape, or not UTF-8
+            return None
+    elif "+" in text:
+        text = text.replace("+", " ")
+    if _PLAIN_FORM.fullmatch(text):
+        flat = iter(text.replace("&", "=").split("="))  # one "=" in each part
+        built = _build_usual(zip(flat, flat, strict=True))
+        if built is None:
+            return None
+        params, ordered = built
+        return params, text if ordered else _encode_plain(params)
+    if not text.isprintable():
+        return None
+    pairs: list[tuple[str, str]] = []
+    for part in text.split("&"):
+        key, eq, value = part.partition("=")
+        if not eq:
+            return None
+        pairs.append((key, value))
+    built = _build_usual(pairs)
+    return None if built is None else (built[0], encode_form(built[0]))
+
+
+def _build_usual(pairs: Iterable[tuple[str, str]]) -> tuple[dict[str, Any], bool] | None:
+    """``build_params(pairs)`` for names known to hold no control character (or None where
+    it would raise), and whether encode_form walks the params in the order the pairs came.
+
+    It does when no value goes into a list, and each value that goes into a container
+    already there goes into the one the value before it went into (so after that one).
+    Plain pairs so ordered are spelled by encode_form just as they come.
+    """
+    root: dict[str, Any] = {}
+    listed = False
+    ordered = True
+    previous = ""
+    try:
+        for key, value in pairs:
+            if "[" in key:
+                placed = _add_nested(root, key, value)
+                if placed == _LISTED:
+                    listed = True
+                elif placed == _INSIDE and ordered:
+                    ordered = key.rpartition("[")[0] == previous.rpartition("[")[0]
+            elif not key or "]" in key or key in root:
+                return None
+            else:
+                root[key] = value
+            previous = key
+    except CosignerError:
+        return None
+    return (_finish_params(root), False) if listed else (root, ordered)
+
+
+# While building, an object (``name[sub]`` keys) is a dict, a list of appended values
+# (``name[]``) a list, and a list with indices (``name[0]``) an _Idx, until _finish.
 class _Idx(dict[str, Any]):
     """A list built from ``name[0]`` keys, indexed by canonical decimal strings."""
 
     __slots__ = ()
 
 
-class _App(list[Any]):
-    """A list built from ``name[]`` keys."""
-
-    __slots__ = ()
-
-
-def _split_key(key: str) -> list[str]:
-    # SECURITY: no real name holds a control character, and a parser that stops at NUL
-    # would read "amount%00" as a second "amount".
-    if _CONTROL.search(key):
-        raise InvalidRequest("Parameter names may not contain control characters.")
-    start = key.find("[")
-    if start < 0:
-        if key and "]" not in key:
-            return [key]
-        raise InvalidRequest(f"Malformed parameter name {_show(key)!r}.", param=_show(key))
-    name, tail = key[:start], key[start:]
-    if not name or "]" in name or not _KEY_TAIL.fullmatch(tail):
-        raise InvalidRequest(f"Malformed parameter name {_show(key)!r}.", param=_show(key))
-    subs: list[str] = _SUBKEY.findall(tail)
-    if "" in subs[:-1]:
-        raise InvalidRequest(f"'[]' may only end a parameter name: {_show(key)!r}.")
-    if len(subs) > MAX_DEPTH:
-        raise InvalidRequest(f"Parameter {_show(key)!r} is nested too deeply.")
-    return [name, *subs]
+def _malformed(key: str) -> InvalidRequest:
+    return InvalidRequest(f"Malformed parameter name {_show(key)!r}.", param=_show(key))
 
 
 def _is_index(sub: str) -> bool:
     return "0" <= sub[0] <= "9" and sub.isascii() and sub.isdigit()
 
 
-def _container_for(sub: str, key: str) -> type[_Obj | _Idx]:
+def _container_for(sub: str, key: str) -> type[dict[str, Any]]:
     """Which container a parent needs, judged by the (non-empty) sub-key that follows it."""
     if not _is_index(sub):
-        return _Obj
+        return dict
     if (sub[0] == "0" and len(sub) > 1) or len(sub) > 9:
         raise InvalidRequest(f"List index {_show(sub)!r} in {_show(key)!r} is not canonical.")
     return _Idx
@@ -254,51 +349,106 @@ def build_params(
     there is a duplicate (see the module notes on query and body).
     """
     root: dict[str, Any] = {}
+    listed = False
     for key, value in pairs:
-        segments = _split_key(key)
-        appending = segments[-1] == ""
-        if appending:
-            segments.pop()
-        node: dict[str, Any] = root
-        for seg, sub in pairwise(segments):
-            want = _container_for(sub, key)
-            child = node.get(seg)
-            if child is None:
-                child = node[seg] = want()
-            elif type(child) is not want:
-                raise _duplicate(key)
-            node = child
-        last = segments[-1]
-        if appending:
-            listed = node.get(last)
-            if listed is None:
-                node[last] = _App((value,))
-            elif type(listed) is _App:
-                listed.append(value)
-            else:
-                raise _duplicate(key)
-        elif last in node:
+        # SECURITY: no real name holds a control character, and a parser that stops at NUL
+        # would read "amount%00" as a second "amount". (Printable text holds none.)
+        if not key.isprintable() and _CONTROL.search(key):
+            raise InvalidRequest("Parameter names may not contain control characters.")
+        if "[" in key:
+            if _add_nested(root, key, value) == _LISTED:
+                listed = True
+        elif not key or "]" in key:
+            raise _malformed(key)
+        elif key in root:
             raise _duplicate(key)
         else:
-            node[last] = value
-    built = {name: _finish(value, name) for name, value in root.items()}
+            root[key] = value
+    built = _finish_params(root) if listed else root
     if into is None:
         return built
     _merge_disjoint(into, built)
     return into
 
 
+# Where _add_nested put a value. _NEW: in containers it made for it, so last in the params
+# (and in encode_form's order), spelled as encode_form spells it. _INSIDE: into a container
+# that was there. _LISTED: into a list, and so spelled and ordered by encode_form and _finish.
+_NEW, _INSIDE, _LISTED = 0, 1, 2
+
+
+def _add_nested(root: dict[str, Any], key: str, value: str) -> int:
+    """Add a ``name[sub]...`` key (one holding a '[', and no control character) to root."""
+    name, _, tail = key.partition("[")
+    subs = tail[:-1].split("][")
+    # A name then "[sub]" groups: every bracket in the key is one of the groups'.
+    if not name or "]" in name or key[-1] != "]":
+        raise _malformed(key)
+    for sub in subs:
+        if "[" in sub or "]" in sub:
+            raise _malformed(key)
+    if "" in subs[:-1]:
+        raise InvalidRequest(f"'[]' may only end a parameter name: {_show(key)!r}.")
+    if len(subs) > MAX_DEPTH:
+        raise InvalidRequest(f"Parameter {_show(key)!r} is nested too deeply.")
+    placed = _NEW
+    appending = not subs[-1]
+    if appending:
+        subs.pop()
+        placed = _LISTED
+    node: dict[str, Any] = root
+    seg = name
+    for sub in subs:  # seg is the parent's name in node, sub its own in the parent
+        if "0" <= sub[0] <= "9":
+            want = _container_for(sub, key)
+            if want is _Idx:
+                placed = _LISTED
+        else:
+            want = dict
+        child = node.get(seg)
+        if child is None:
+            child = node[seg] = want()
+        elif type(child) is not want:
+            raise _duplicate(key)
+        elif placed == _NEW:
+            placed = _INSIDE
+        node = child
+        seg = sub
+    if appending:
+        listed = node.get(seg)
+        if listed is None:
+            node[seg] = [value]
+        elif type(listed) is list:
+            listed.append(value)
+        else:
+            raise _duplicate(key)
+    elif seg in node:
+        raise _duplicate(key)
+    else:
+        node[seg] = value
+    return placed
+
+
+def _finish_params(root: dict[str, Any]) -> dict[str, Any]:
+    """Turn each _Idx in built params into its list (in place: the rest is already final)."""
+    for name, value in root.items():
+        if type(value) is not str:
+            root[name] = _finish(value, name)
+    return root
+
+
 def _finish(node: Any, name: str) -> Any:
-    if type(node) is str:
-        return node
-    if type(node) is _App:
-        return list(node)
+    """_finish_params for one value; name is where node is, for errors."""
     if type(node) is _Idx:
         ordered = sorted((int(index), value) for index, value in node.items())
         if ordered[-1][0] != len(ordered) - 1:
             raise InvalidRequest(f"List {_show(name)!r} has indices not contiguous from 0.")
         return [_finish(value, f"{name}[{index}]") for index, value in ordered]
-    return {key: _finish(value, f"{name}[{key}]") for key, value in node.items()}
+    if type(node) is dict:
+        for key, value in node.items():
+            if type(value) is not str:
+                node[key] = _finish(value, f"{name}[{key}]")
+    return node  # a dict, a list of appended strings, or a string
 
 
 def _merge_disjoint(into: dict[str, Any], extra: Mapping[str, Any]) -> None:
@@ -316,9 +466,16 @@ def encode_form(params: Mapping[str, Any]) -> str:
     """Encode nested params in Stripe bracket notation; the inverse of build_params."""
     out: list[str] = []
     for name, value in params.items():
-        if not _encodable_name(name):
+        if type(name) is str and name.isascii() and (name.isalnum() or name.isidentifier()):
+            prefix = name  # the usual name (see _quote): encodable, nothing to escape
+        elif _encodable_name(name):
+            prefix = _quote(name)
+        else:
             raise InvalidRequest(f"Cannot form-encode the parameter name {name!r}.")
-        _encode_value(_quote(name), value, out, 0)
+        if type(value) is str:  # the usual value, as _encode_value spells it
+            out.append(f"{prefix}={_quote(value)}")
+        else:
+            _encode_value(prefix, value, out, 0)
     return "&".join(out)
 
 
@@ -331,17 +488,51 @@ def _encode_value(prefix: str, value: Any, out: list[str], depth: int) -> None:
         out.append(f"{prefix}={value}")
     elif depth >= MAX_DEPTH:
         raise InvalidRequest("Parameters are nested too deeply to form-encode.")
-    elif isinstance(value, Mapping) and value:
+    elif (type(value) is dict or isinstance(value, Mapping)) and value:
         for key, item in value.items():
-            if not _encodable_subkey(key):
+            if type(key) is str and key.isascii() and key.isidentifier():
+                sub = key  # the usual key: encodable (no index), nothing to escape
+            elif _encodable_subkey(key):
+                sub = _quote(key)
+            else:
                 raise InvalidRequest(f"Cannot form-encode the key {key!r} under {prefix!r}.")
-            _encode_value(f"{prefix}[{_quote(key)}]", item, out, depth + 1)
+            if type(item) is str:  # as the recursive call would spell it
+                out.append(f"{prefix}[{sub}]={_quote(item)}")
+            else:
+                _encode_value(f"{prefix}[{sub}]", item, out, depth + 1)
     elif isinstance(value, list | tuple) and value:
         for index, item in enumerate(value):
-            _encode_value(f"{prefix}[{index}]", item, out, depth + 1)
+            if type(item) is str:  # as the recursive call would spell it
+                out.append(f"{prefix}[{index}]={_quote(item)}")
+            else:
+                _encode_value(f"{prefix}[{index}]", item, out, depth + 1)
     else:
         # Empty containers, None and floats have no form spelling that reads back the same.
         raise InvalidRequest(f"Cannot form-encode {type(value).__name__} at {prefix!r}.")
+
+
+def _encode_plain(params: dict[str, Any]) -> str:
+    """``encode_form(params)`` for params built from plain text (see _PLAIN_FORM).
+
+    Their names, keys and values pass encode_form's checks (as all that build_params builds
+    does) and hold only characters it leaves as they are: what is left is the structure.
+    """
+    out: list[str] = []
+    for name, value in params.items():
+        if type(value) is str:
+            out.append(f"{name}={value}")
+        else:
+            _encode_plain_value(name, value, out)
+    return "&".join(out)
+
+
+def _encode_plain_value(prefix: str, value: dict[str, Any] | list[Any], out: list[str]) -> None:
+    items = value.items() if type(value) is dict else enumerate(value)
+    for key, item in items:
+        if type(item) is str:
+            out.append(f"{prefix}[{key}]={item}")
+        else:
+            _encode_plain_value(f"{prefix}[{key}]", item, out)
 
 
 def _encodable_name(name: Any) -> bool:
@@ -360,7 +551,11 @@ def _encodable_subkey(key: Any) -> bool:
 
 
 def _quote(text: str) -> str:
-    if _UNRESERVED.fullmatch(text):  # the common case: ids, amounts, currency codes
+    # The common case, ids, amounts, currency codes: nothing to escape. On ASCII text isalnum
+    # and isidentifier accept only unreserved characters, and cost less than the regex.
+    if type(text) is str and text.isascii() and (text.isalnum() or text.isidentifier()):
+        return text
+    if _UNRESERVED.fullmatch(text):
         return text
     try:
         quoted = quote_plus(text, safe="")
@@ -398,21 +593,32 @@ def _refuse_constant(name: str) -> Any:
     raise InvalidBody(f"{name} is not valid JSON.")
 
 
+# What json.loads and json.dumps build on each call with these arguments, built once. (loads
+# also refuses a leading BOM itself; raw_decode refuses it as any other text that is not JSON.)
+_JSON_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_object, parse_float=_finite_float, parse_constant=_refuse_constant
+)
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_JSON_SPACE = " \t\n\r"  # what JSON counts as white space (json.decoder.WHITESPACE)
+
+
 def _read_json(body: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(
-            body.decode("utf-8"),
-            object_pairs_hook=_unique_object,
-            parse_float=_finite_float,
-            parse_constant=_refuse_constant,
-        )
+        # JSONDecoder.decode, without its two regex calls: white space, a value, white space.
+        text = body.decode("utf-8").lstrip(_JSON_SPACE)
+        value, end = _JSON_DECODER.raw_decode(text)
+        if end != len(text) and text[end:].strip(_JSON_SPACE):
+            raise ValueError("Extra data")
     except UnicodeDecodeError:
         raise InvalidBody("The JSON body is not valid UTF-8.") from None
     except (ValueError, RecursionError):
         raise InvalidBody("The body is not valid JSON.") from None
     if not isinstance(value, dict):
         raise InvalidBody("The JSON body must be an object.")
-    _check_depth(value)
+    # Each level of nesting opens with a "{" or "[" of its own: with fewer of them in the whole
+    # text than MAX_DEPTH, nothing can be nested too deeply.
+    if text.count("{") + text.count("[") >= MAX_DEPTH:
+        _check_depth(value)
     return value
 
 
@@ -430,8 +636,7 @@ def _check_depth(value: Any) -> None:
 
 def _dump_json(params: Mapping[str, Any]) -> bytes:
     try:
-        text = json.dumps(params, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        return text.encode("utf-8")
+        return _JSON_ENCODER.encode(params).encode("utf-8")
     except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         raise InvalidBody("The parameters cannot be encoded as JSON.") from None
 
@@ -442,6 +647,10 @@ def _dump_json(params: Mapping[str, Any]) -> bytes:
 def _media_type(content_type: str | None) -> str | None:
     if content_type is None:
         return None
+    if content_type == FORM:  # as clients usually send them
+        return FORM
+    if content_type == JSON:
+        return JSON
     media, _, rest = content_type.partition(";")
     media = media.strip().lower()
     if not media:
@@ -470,14 +679,18 @@ def read_request(
                 f"The method {_show(method)} is not used by the Stripe API.",
                 headers={"Allow": ", ".join(METHODS)},
             )
-    raw_path, _, raw_query = raw_target.partition("?")
+    if "?" in raw_target:
+        raw_path, _, raw_query = raw_target.partition("?")
+    else:  # the usual request target: cheaper than partition
+        raw_path, raw_query = raw_target, ""
     path = normalise_path(raw_path)
     check_api_path(path)
     query_params: dict[str, Any] = {}
+    query = ""
     if raw_query:
         if _QUERY_FORBIDDEN.search(raw_query):
             raise InvalidRequest("The query string contains characters that are not allowed.")
-        query_params = build_params(parse_pairs(raw_query))
+        query_params, query = _read_form(raw_query)
     if method in _NO_BODY:
         # SECURITY: a body Stripe ignores could still sway a rule; refuse it outright.
         if body:
@@ -498,8 +711,8 @@ def read_request(
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidBody("The form body is not valid UTF-8.") from None
-        body_params = build_params(parse_pairs(text))
-        canonical_body = encode_form(body_params).encode("ascii")
+        body_params, encoded = _read_form(text)
+        canonical_body = encoded.encode("ascii")
     if not body_params:  # the usual case: parameters in one place, nothing to merge
         params = query_params
     elif not query_params:
@@ -507,13 +720,13 @@ def read_request(
     else:
         params = dict(query_params)
         _merge_disjoint(params, body_params)
-    return CanonicalRequest(
-        method=method,
-        path=path,
-        query=encode_form(query_params) if query_params else "",
-        params=params,
-        body=canonical_body,
-        content_type=media if canonical_body else None,
+    return _canonical_request(
+        method,
+        path,
+        query,
+        params,
+        canonical_body,
+        media if canonical_body else None,
     )
 
 

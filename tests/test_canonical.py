@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import stripe
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import canonical
 from gateway.canonical import (
     FORM,
     JSON,
@@ -229,6 +234,13 @@ def test_duplicates_refused(query: str, body: str) -> None:
         "a[b]]=1",
         "a[[b]]=1",
         "a[b][=1",
+        "a[b][c]]=1",
+        "a[b][[c]=1",
+        "a]b[c]=1",
+        "a][b]=1",
+        "a[b][c=1",
+        "a[b]x[c]=1",
+        "a[b][c][=1",
         "a[][b]=1",
         "%5Ba%5D=1",
         "items[01]=x",
@@ -256,6 +268,16 @@ def test_malformed_form_refused(body: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         post_form(body)
     assert not isinstance(caught.value, DuplicateParameter)
+
+
+@pytest.mark.parametrize(
+    "body", ["amount%00=1", "metadata[k%0A]=1", "a%7F=1", "a%1f[b]=1", "a[b%0d]=1&a[c]=2"]
+)
+def test_control_characters_in_names_are_refused_as_such(body: str) -> None:
+    with pytest.raises(InvalidRequest, match="Parameter names may not contain control"):
+        post_form(body)
+    with pytest.raises(InvalidRequest, match="Parameter names may not contain control"):
+        build_params(parse_pairs(body))
 
 
 def test_semicolon_is_data_and_is_escaped_on_the_forward() -> None:
@@ -743,3 +765,313 @@ def test_normalised_paths_are_safe_and_stable(raw: str) -> None:
     assert not path.endswith("/")
     for segment in path.split("/")[1:]:
         assert segment and segment.strip(".") and "%" not in segment
+
+
+# --- fast paths ----------------------------------------------------------------------
+#
+# read_request reads the usual form text by a faster way (canonical._read_usual_form: the
+# whole text decoded at once, no per-name control check once it is printable, no quoting
+# or no re-encoding at all for plain text) and leaves the rest to parse_pairs, build_params
+# and encode_form. Both must give one result, or one error, for every text.
+
+
+def _outcome(read: Callable[[], tuple[dict[str, Any], str]]) -> tuple[Any, ...]:
+    try:
+        params, encoded = read()
+    except CosignerError as error:
+        return ("refused", type(error), error.message, error.param)
+    return ("read", repr(params), params, encoded)
+
+
+def general_form(text: str) -> tuple[Any, ...]:
+    def read() -> tuple[dict[str, Any], str]:
+        params = build_params(parse_pairs(text))
+        return params, encode_form(params)
+
+    return _outcome(read)
+
+
+def fast_form(text: str) -> tuple[Any, ...]:
+    return _outcome(lambda: canonical._read_form(text))
+
+
+FORM_EDGES = [
+    # no decoding at all, "+" alone, escapes of "+" and of separators
+    "a=1",
+    "a=1&b=2",
+    "a+b=c+d",
+    "a=%2B&b=+%2b+",
+    "a%2Bb=1",
+    "a=%26&b=1",
+    "a%26b=1",
+    "a=%3D",
+    "a=%3d&b==",
+    "a%3Db=1",
+    "a%3db=1",
+    "a=x%26b=1",
+    "a=x%26b%3D1",
+    "a%3Db%3d=c",
+    "a=b=c",
+    # escaped brackets: structure in names, data in values
+    "metadata%5Bk%5D=v",
+    "metadata%5bk%5d=v&metadata[j]=w",
+    "metadata[k]=v&metadata%5Bk%5D=w",
+    "%5Ba%5D=1",
+    "a=%5B%5D&b=[&c=]",
+    # control characters, raw or escaped, in names and values; other unprintables
+    "a=%0A",
+    "a%0A=1",
+    "a%0a=1",
+    "metadata[k%0A]=1",
+    "a=%00&b=1",
+    "a%7f=1",
+    "a=%7F",
+    "a=\x01",
+    "a\x7f=1",
+    "a=\u00a0",
+    "a\u00a0b=1",
+    "a=\u2028",
+    # bad escapes and UTF-8, backslashes (the decoder's own escape character)
+    "%C3%A9=%E2%82%AC",
+    "a=%C3",
+    "a=%C3&b=%A9",
+    "a=%FF",
+    "a=%ED%A0%80",
+    "a=%zz",
+    "a=%4",
+    "a=%",
+    "a=%%41",
+    "a=1&b=%zz&c",
+    "a&b=%zz",
+    "a=\\x41",
+    "a=\\%41",
+    "a=%5C%41",
+    "a=\\",
+    "a\\=\\N{DIGIT ONE}&b=\\u0041",
+    "caf\u00e9=%C3%A9",
+    "a=caf\u00e9",
+    # empty names, values and parts
+    "a=",
+    "=",
+    "=1",
+    "a=1&&b=2",
+    "a=1&",
+    "&",
+    "a",
+    "a=1&b",
+    # duplicates, and lists
+    "a=1&a=2",
+    "a=1&a[b]=2",
+    "a[b]=1&a=2",
+    "a[]=1&a[]=2&a[]=3",
+    "a[]=1&a[0]=2",
+    "a[0]=x&a[1]=y",
+    "a[1]=y&a[0]=x",
+    "a[0]=x&a[2]=y",
+    "a[01]=x",
+    "a[0]=x&a[b]=y",
+    "a[][b]=1",
+    "a[b][]=x&a[b][]=y",
+    "0=x&1a=y",
+    # order: encode_form's, whatever the order the pairs came in
+    "a[y]=1&ab=2&a[x]=3",
+    "a[y]=1&a=2",
+    "metadata[a]=1&x=2&metadata[b]=3",
+    "metadata[a]=1&metadata[b]=2&x=3",
+    "a[b][c]=1&a[b][d]=2",
+    "a[b][c]=1&a[d]=2&a[b][e]=3",
+    "a[b]=1&a[c][d]=2&a[e]=3",
+    "a[b][c]=1&a[bb]=2&a[b][d]=3",
+    "items[0][price]=p&items[0][quantity]=2",
+    "items[1][price]=y&items[0][price]=x",
+    "a[b]=1&c[d]=2&a[e]=3",
+    # malformed names, nesting depth
+    "a]=1",
+    "a[b=1",
+    "a[b]c=1",
+    "a[b]]=1",
+    "a[[b]]=1",
+    "a[b][=1",
+    "a" + "[b]" * 32 + "=1",
+    "a" + "[b]" * 33 + "=1",
+    "a" + "[b]" * 31 + "[]=1",
+    "a" + "[b]" * 32 + "[]=1",
+]
+
+
+@pytest.mark.parametrize("text", FORM_EDGES)
+def test_fast_form_reading_agrees_with_the_general_one(text: str) -> None:
+    assert fast_form(text) == general_form(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "charge=ch_1&amount=100&metadata%5Border%5D=allow",
+        "a=x+y&b=%40&c=%C3%A9",
+        "a[y]=1&ab=2&a[x]=3",
+        "metadata[a]=1&x=2&metadata[b]=3",
+        "expand[]=a&items[1][p]=y&items[0][p]=x",
+    ],
+)
+def test_the_usual_text_takes_the_fast_path(text: str) -> None:
+    usual = canonical._read_usual_form(text)
+    assert usual is not None
+    assert fast_form(text) == general_form(text)
+
+
+_FORM_PIECES = [
+    *"ab0129_.-~[]=&+ \\",
+    *["[]", "[0]", "[1]", "[b]", "%5B", "%5D", "%5b", "%5d", "%26", "%3D", "%3d", "%2B", "%20"],
+    *["%0A", "%00", "%7F", "%7f", "%C3%A9", "%C3", "%A9", "%25", "%5C", "%zz", "%4", "%"],
+    *["\x00", "\n", "\x7f", "\u00a0", "\u00e9", "\\x", "\\N", "metadata", "items", "a=1&"],
+]
+_form_texts = st.lists(st.sampled_from(_FORM_PIECES), max_size=24).map("".join)
+_plain_keys = st.builds(
+    lambda name, subs, brackets: name + "".join(brackets[0] + s + brackets[1] for s in subs),
+    st.sampled_from(["a", "ab", "b", "m"]),
+    st.lists(st.sampled_from(["x", "y", "xy", "0", "1", ""]), max_size=3),
+    st.sampled_from([("[", "]"), ("%5B", "%5D")]),
+)
+_plain_texts = st.lists(
+    st.tuples(_plain_keys, st.text("ab1_.-~[]", max_size=3)), min_size=1, max_size=6
+).map(lambda pairs: "&".join(f"{key}={value}" for key, value in pairs))
+
+
+@PROPERTY
+@given(_form_texts | _plain_texts)
+def test_fast_form_reading_agrees_with_the_general_one_everywhere(text: str) -> None:
+    assert fast_form(text) == general_form(text)
+
+
+_ESCAPED = [
+    "",
+    "a",
+    "%41",
+    "%5B%5d",
+    "%C3%A9",
+    "%e2%82%ac%F0%9F%98%80",
+    "\\",
+    "\\%41",
+    "\\x41",
+    "%5C%41",
+    "\\N{DIGIT ONE}\\u0041\\n\\",
+    "%00%0a%7F%80",
+    "%C3",
+    "%C3%28",
+    "%ED%A0%80",
+    "%C0%80",
+    "%zz",
+    "%4",
+    "%",
+]
+
+
+@pytest.mark.parametrize("text", _ESCAPED)
+def test_unescape_is_strict_unquote(text: str) -> None:
+    try:
+        expected: str | type[Exception] = unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        expected = UnicodeDecodeError
+    if "%" in text and not re.fullmatch(r"(?:[^%]|%[0-9A-Fa-f]{2})*", text):
+        expected = UnicodeDecodeError  # an invalid escape, which unquote would keep
+    try:
+        got: str | type[Exception] = canonical._unescape(text)
+    except UnicodeDecodeError:
+        got = UnicodeDecodeError
+    assert got == expected
+
+
+@PROPERTY
+@given(st.lists(st.sampled_from([*"aZ09 \\x+~", "%41", "%5C", "%25", "%C3", "%A9", "%ff"])))
+def test_unescape_is_strict_unquote_everywhere(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    try:
+        expected = unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        with pytest.raises(UnicodeDecodeError):
+            canonical._unescape(text)
+        return
+    assert canonical._unescape(text) == expected
+
+
+def reference_read_json(body: bytes) -> dict[str, Any]:
+    """JSON as json.loads reads it, and a full walk for depth: what _read_json must match."""
+    try:
+        value = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=canonical._unique_object,
+            parse_float=canonical._finite_float,
+            parse_constant=canonical._refuse_constant,
+        )
+    except UnicodeDecodeError:
+        raise InvalidBody("The JSON body is not valid UTF-8.") from None
+    except (ValueError, RecursionError):
+        raise InvalidBody("The body is not valid JSON.") from None
+    if not isinstance(value, dict):
+        raise InvalidBody("The JSON body must be an object.")
+    canonical._check_depth(value)
+    return value
+
+
+def _json_outcome(read: Callable[[bytes], dict[str, Any]], body: bytes) -> tuple[Any, ...]:
+    try:
+        return ("read", repr(read(body)))
+    except CosignerError as error:
+        return ("refused", type(error), error.message)
+
+
+def _nested(levels: int, inner: str) -> bytes:
+    opens = ['{"k":' if level % 3 else "[" for level in range(levels)]
+    closes = ["}" if opening.startswith("{") else "]" for opening in reversed(opens)]
+    return ('{"top":' + "".join(opens) + inner + "".join(closes) + "}").encode()
+
+
+JSON_EDGES = [
+    b"{}",
+    b' \t\n\r{"a":1} \t\n\r',
+    b'\x0c{"a":1}',
+    b'{"a":1}\x0c',
+    b'{"a":1}\xc2\xa0',
+    b"\xc2\xa0{}",
+    b"\xef\xbb\xbf{}",
+    b" \xef\xbb\xbf{}",
+    b"{} {}",
+    b"{}}",
+    b"",
+    b"   ",
+    b'{"a":"[[[[{{{{"}',
+    *(_nested(levels, inner) for levels in (30, 31, 32) for inner in ("1", "[]", "{}", "[1]")),
+    b'{"a":' + b"[" * 31 + b"1" + b"]" * 31 + b"}",
+    b'{"a":' + b"[" * 32 + b"]" * 32 + b"}",
+    b'{"a":' + b"[" * 32 + b"1" + b"]" * 32 + b"}",
+]
+
+
+@pytest.mark.parametrize("body", JSON_EDGES)
+def test_json_reading_agrees_with_json_loads(body: bytes) -> None:
+    assert _json_outcome(canonical._read_json, body) == _json_outcome(reference_read_json, body)
+
+
+_json_space = st.text(" \t\n\r\x0c\u00a0", max_size=2)
+
+
+@PROPERTY
+@given(_json_space, _json_value, _json_space)
+def test_json_reading_agrees_with_json_loads_everywhere(
+    before: str, value: Any, after: str
+) -> None:
+    body = (before + json.dumps(value, ensure_ascii=False) + after).encode()
+    assert _json_outcome(canonical._read_json, body) == _json_outcome(reference_read_json, body)
+    if isinstance(value, dict):
+        expected = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        assert canonical._dump_json(value) == expected
+
+
+def test_read_request_makes_a_true_canonical_request() -> None:
+    req = read_request("POST", "/v1/x?q=1", FORM, b"a=1&m[k]=v")
+    assert type(req) is CanonicalRequest
+    assert dataclasses.replace(req) == req
+    assert repr(req) == repr(CanonicalRequest(**dataclasses.asdict(req)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.path = "/v1/y"  # type: ignore[misc]
