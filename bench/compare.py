@@ -112,23 +112,36 @@ def report(sides: Sequence[Side], scenarios: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def versions_parser(doc: str | None, scenarios: str) -> argparse.ArgumentParser:
+    """The arguments of a side-by-side run: revisions, scenarios, --bare, --no-install."""
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description=doc.splitlines()[0] if doc else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("revs", nargs="+", help="git revisions; '.' is this working tree")
-    parser.add_argument("--scenarios", default="get,allowed,held", help="of get, allowed, held")
-    parser.add_argument("--rounds", type=int, default=4, help="turns per version")
-    parser.add_argument("--duration", type=int, default=3, help="seconds per measured run")
+    parser.add_argument("--scenarios", default=scenarios, help="of get, allowed, held")
     parser.add_argument("--bare", action="store_true", help="add the bare proxy as a row")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install")
+    return parser
+
+
+def parse_versions(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse, with ``scenarios`` made a list of known ones."""
     args = parser.parse_args(argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     return args
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = versions_parser(__doc__, "get,allowed,held")
+    parser.add_argument("--rounds", type=int, default=4, help="turns per version")
+    parser.add_argument("--duration", type=int, default=3, help="seconds per measured run")
+    return parse_versions(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

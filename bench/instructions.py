@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from compare import SCENARIOS, checkout, remove_worktrees
+from compare import SCENARIOS, checkout, parse_versions, remove_worktrees, versions_parser
 from load import Call
 from procs import Processes, free_port, wait_ready
 from run import HERE, gateway_env, say, start_nginx, which
@@ -131,22 +131,10 @@ def measure(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("revs", nargs="+", help="git revisions; '.' is this working tree")
-    parser.add_argument("--scenarios", default="get,allowed", help="of get, allowed, held")
+    parser = versions_parser(__doc__, "get,allowed")
     parser.add_argument("--requests", type=int, default=2000, help="counted requests per run")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections")
-    parser.add_argument("--bare", action="store_true", help="add the bare proxy as a row")
-    parser.add_argument("--no-install", action="store_true", help="never apt-get install")
-    args = parser.parse_args(argv)
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(args.scenarios) - set(SCENARIOS)
-    if unknown:
-        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-    return args
+    return parse_versions(parser, argv)
 
 
 def ensure_valgrind(install: bool) -> None:
