@@ -141,6 +141,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = versions_parser(__doc__, "get,allowed,held")
     parser.add_argument("--rounds", type=int, default=4, help="turns per version")
     parser.add_argument("--duration", type=int, default=3, help="seconds per measured run")
+    parser.add_argument(
+        "--pin", action="store_true", help="proxies on CPU 1, nginx and wrk on CPU 0"
+    )
     return parse_versions(parser, argv)
 
 
@@ -156,19 +159,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for n, rev in enumerate(args.revs):
             roots.append(checkout(rev, workdir / f"tree{n}"))
-        load = LoadGenerator(workdir)
+        proxy_cpus = {1} if args.pin and (os.cpu_count() or 1) > 1 else None
+        driver_cpus = {0} if proxy_cpus else None
+        load = LoadGenerator(workdir, cpus=driver_cpus)
         with Processes() as procs:
-            upstream = start_nginx(procs, workdir, None)
+            upstream = start_nginx(procs, workdir, driver_cpus)
             sides: list[Side] = []
             for n, (rev, root) in enumerate(zip(args.revs, roots, strict=True)):
                 name = f"{n + 1}:{rev}"
                 proc, port, _ = start_gateway(
-                    procs, workdir, f"cosigner{n}", upstream, "WARNING", {}, None, root
+                    procs, workdir, f"cosigner{n}", upstream, "WARNING", {}, proxy_cpus, root
                 )
                 sides.append(Side(name, proc, port))
             if args.bare:
                 loop = "uvloop" if sides[0].proc.maps_mention("uvloop") else "asyncio"
-                proc, port = start_bare(procs, workdir, upstream, loop, None)
+                proc, port = start_bare(procs, workdir, upstream, loop, proxy_cpus)
                 sides.append(Side("bare proxy", proc, port))
             for scenario in args.scenarios:
                 for number in range(1, args.rounds + 1):
