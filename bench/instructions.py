@@ -37,7 +37,7 @@ from pathlib import Path
 from compare import SCENARIOS, checkout, parse_versions, remove_worktrees, versions_parser
 from load import Call
 from procs import Processes, free_port, wait_ready
-from run import HERE, gateway_env, say, start_nginx, which
+from run import HERE, NGINX_PACKAGES, ensure_installed, gateway_env, say, start_nginx, which
 
 
 async def _client(port: int, call: Call, requests: int, connections: int) -> int:
@@ -139,11 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def ensure_valgrind(install: bool) -> None:
     """valgrind and nginx, from Debian's packages when missing (root only)."""
-    missing = [tool for tool in ("valgrind", "nginx") if not which(tool)]
-    if missing and install and os.geteuid() == 0 and shutil.which("apt-get"):
-        say(f"installing {', '.join(missing)} (apt-get)")
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
+    ensure_installed({"valgrind": ("valgrind",), "nginx": NGINX_PACKAGES}, install)
     missing = [tool for tool in ("valgrind", "nginx") if not which(tool)]
     if missing:
         raise SystemExit(f"bench: {', '.join(missing)} not found")

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,9 +97,10 @@ def no_service_starts() -> Iterator[None]:
         policy.unlink(missing_ok=True)
 
 
-def ensure_tools(install: bool) -> None:
-    """nginx (required) and wrk (preferred), installed from Debian's packages when missing."""
-    missing = [name for name in ("nginx", "wrk") if which(name) is None]
+def ensure_installed(wanted: Mapping[str, Sequence[str]], install: bool) -> None:
+    """Each tool of ``wanted`` not on PATH, from the first of its Debian packages that
+    installs (root only); apt's own output goes to stderr, with the progress."""
+    missing = [tool for tool in wanted if which(tool) is None]
     if not missing:
         return
     if not install:
@@ -111,13 +112,20 @@ def ensure_tools(install: bool) -> None:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         apt = ["apt-get", "install", "-y", "-qq", "--no-install-recommends"]
         with no_service_starts():
-            subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
-            if "nginx" in missing:
-                for package in ("nginx-light", "nginx"):
-                    if subprocess.run([*apt, package], env=env, check=False).returncode == 0:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=sys.stderr, check=False)
+            for tool in missing:
+                for package in wanted[tool]:
+                    done = subprocess.run([*apt, package], env=env, stdout=sys.stderr, check=False)
+                    if done.returncode == 0:
                         break
-            if "wrk" in missing:
-                subprocess.run([*apt, "wrk"], env=env, check=False)
+
+
+NGINX_PACKAGES = ("nginx-light", "nginx")
+
+
+def ensure_tools(install: bool) -> None:
+    """nginx (required) and wrk (preferred), installed from Debian's packages when missing."""
+    ensure_installed({"nginx": NGINX_PACKAGES, "wrk": ("wrk",)}, install)
     if which("nginx") is None:
         raise SystemExit("bench: nginx is required (apt-get install nginx-light)")
     if which("wrk") is None:
