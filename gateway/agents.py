@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import time
@@ -107,8 +108,9 @@ class AgentResolver:
         self._stripe_key = stripe_key
         self._ttl = ttl
         self._clock = clock
-        self._raw: dict[str, Agent] = {}
-        self._gateway: dict[str, tuple[Agent, float]] = {}  # key hash -> (agent, trusted until)
+        # Authorization header -> (agent, trusted until): a raw key for good, a gateway key
+        # for ``ttl`` seconds (then it is looked up again: a revoked key stops working).
+        self._known: dict[str, tuple[Agent, float]] = {}
 
     def credential_id(self, credential: str) -> str:
         """Keyed fingerprint of a credential ("the same credential" without storing it)."""
@@ -116,6 +118,11 @@ class AgentResolver:
 
     async def resolve(self, authorization: str | None) -> Agent:
         """The agent, or AuthenticationFailed (401) — never held."""
+        now = self._clock()
+        if authorization:
+            known = self._known.get(authorization)
+            if known is not None and known[1] > now:
+                return known[0]
         credential = credential_from_header(authorization)
         if credential is None:
             raise AuthenticationFailed(
@@ -123,11 +130,22 @@ class AgentResolver:
                 "Authorization header.",
                 code="api_key_missing",
             )
+        assert authorization is not None  # it carried a credential
         if credential.startswith(GATEWAY_KEY_PREFIX):
-            return await self._gateway_agent(credential)
-        if RAW_KEY.fullmatch(credential):
-            return self._raw_agent(credential)
-        raise AuthenticationFailed("Invalid API key provided.")
+            try:
+                agent = await self._gateway_agent(credential)
+            except AuthenticationFailed:
+                self._known.pop(authorization, None)
+                raise
+            until = now + self._ttl
+        elif RAW_KEY.fullmatch(credential):
+            agent, until = self._raw_agent(credential), math.inf
+        else:
+            raise AuthenticationFailed("Invalid API key provided.")
+        if len(self._known) >= MAX_CACHED:
+            self._known.clear()
+        self._known[authorization] = (agent, until)
+        return agent
 
     def _raw_agent(self, credential: str) -> Agent:
         if self._require_agent_keys:
@@ -135,20 +153,10 @@ class AgentResolver:
                 "This gateway only accepts gateway-issued agent keys (cos_...), not Stripe keys.",
                 code="agent_key_required",
             )
-        agent = self._raw.get(credential)
-        if agent is None:
-            agent = Agent(mask_key(credential), self.credential_id(credential), credential)
-            if len(self._raw) >= MAX_CACHED:
-                self._raw.clear()
-            self._raw[credential] = agent
-        return agent
+        return Agent(mask_key(credential), self.credential_id(credential), credential)
 
     async def _gateway_agent(self, credential: str) -> Agent:
         digest = gateway_key_hash(credential)
-        now = self._clock()
-        cached = self._gateway.get(digest)
-        if cached is not None and cached[1] > now:
-            return cached[0]
         record = await self._store.agent_key_by_hash(digest)
         # The lookup is by hash, so its timing tells nothing about the key itself; the
         # comparison is constant-time all the same. Unknown and revoked read the same.
@@ -157,18 +165,13 @@ class AgentResolver:
             or not hmac.compare_digest(record.key_hash, digest)
             or record.revoked_at is not None
         ):
-            self._gateway.pop(digest, None)
             raise AuthenticationFailed(_INVALID_GATEWAY_KEY)
-        agent = Agent(
+        return Agent(
             record.name,
             self.credential_id(credential),
             self._upstream_key(record),
             gateway_key=True,
         )
-        if len(self._gateway) >= MAX_CACHED:
-            self._gateway.clear()
-        self._gateway[digest] = (agent, now + self._ttl)
-        return agent
 
     def _upstream_key(self, record: AgentKeyRecord) -> str:
         """The real Stripe key substituted for a gateway key."""

@@ -24,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.notify import Notifier
 from gateway.policy import Policy
 from gateway.proxy import proxy
-from gateway.ratelimit import limiter_from_settings, limits_middleware
+from gateway.ratelimit import LIMITED_PREFIXES, address_limits, limiter_from_settings
 from gateway.reload import reload_ctx
 from gateway.settings import Settings, load_secret_key
 from gateway.store import store_from_url
@@ -41,12 +41,19 @@ RESERVED_PREFIXES = ("/cosigner/", "/dashboard", "/review/", "/healthz", "/ready
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place errors become answers: Stripe's shape, a request id, one log line."""
+    """The one place errors become answers: Stripe's shape, a request id, one log line.
+
+    The only middleware, so a proxied request passes through one layer: the per-address
+    limits of the pages and sign-ins run from here, for their paths only.
+    """
     info = keys.RequestInfo(request_id())
     request[keys.INFO] = info
     started = time.perf_counter()
     try:
-        response = await handler(request)
+        if request.path.startswith(LIMITED_PREFIXES):
+            response = await request.app[keys.ADDRESS_LIMITS](request, handler)
+        else:
+            response = await handler(request)
     except CosignerError as exc:
         response = error_response(exc)
     except web.HTTPException as exc:
@@ -92,13 +99,11 @@ def create_app(
     limiter = limiter_from_settings(settings)
     # Room above max_body so the proxy can answer 413 in Stripe's shape itself.
     app = web.Application(
-        middlewares=[
-            errors_middleware,
-            limits_middleware(limiter, page_answer=pages.too_many_requests),
-        ],
+        middlewares=[errors_middleware],
         client_max_size=settings.max_body,
     )
     app[keys.LIMITS] = limiter
+    app[keys.ADDRESS_LIMITS] = address_limits(limiter, page_answer=pages.too_many_requests)
     previous = (
         [settings.secret_key_previous.get_secret_value().encode()]
         if (settings.secret_key_previous)

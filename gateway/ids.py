@@ -25,6 +25,7 @@ import os
 import string
 import threading
 import time
+from collections import deque
 
 _CHUNK = 4096
 _ALPHABET = string.ascii_letters + string.digits
@@ -66,13 +67,55 @@ def random_bytes(n: int) -> bytes:
     return _pool.take(n)
 
 
+class _RandomText:
+    """Runs of random base64url characters (sorted alphabet), cut from one encoded read.
+
+    A request id's 72 random bits are 12 characters of 6 bits each: encoding 3 KiB of
+    randomness at once and handing out 12 characters at a time gives the same ids as
+    encoding 9 bytes per id, for a fraction of the work. Each run is handed out once
+    (``deque.popleft`` is atomic); a forked child starts with none.
+    """
+
+    def __init__(self, chars: int) -> None:
+        assert chars % 4 == 0, "a run must encode whole bytes, with no padding"
+        self._chars = chars
+        self._runs: deque[str] = deque()
+
+    def take(self) -> str:
+        try:
+            return self._runs.popleft()
+        except IndexError:
+            count = _CHUNK // self._chars
+            text = _encode(_pool.take(count * self._chars * 3 // 4))
+            self._runs.extend(text[i : i + self._chars] for i in range(0, len(text), self._chars))
+            return self._runs.popleft()
+
+    def forget(self) -> None:
+        self._runs = deque()
+
+
+def _encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).translate(_SORTED).decode("ascii")
+
+
+_request_tails = _RandomText(12)  # 9 random bytes' worth
+os.register_at_fork(after_in_child=_request_tails.forget)
+_request_stamp = (-1, "")  # the last millisecond a request id was made in, encoded
+
+
 def request_id() -> str:
     """``req_``, the time in ms and 72 random bits, URL-safe: the id of one answered request.
 
-    Ids sort by time (to the millisecond; in random order within one).
+    Ids sort by time (to the millisecond; in random order within one): the 6 bytes of the
+    time in ms encode to 8 characters on their own, so a stamp encoded once serves every
+    id of its millisecond.
     """
-    raw = _ms().to_bytes(6, "big") + _pool.take(9)
-    return "req_" + base64.urlsafe_b64encode(raw).translate(_SORTED).decode("ascii")
+    ms = time.time_ns() // 1_000_000
+    global _request_stamp
+    stamp = _request_stamp
+    if stamp[0] != ms:
+        stamp = _request_stamp = (ms, "req_" + _encode(ms.to_bytes(6, "big")))
+    return stamp[1] + _request_tails.take()
 
 
 def _ms() -> int:

@@ -19,7 +19,7 @@ from gateway.mail import Mailer, MailOutbox
 from gateway.metrics import Metrics
 from gateway.notify import Notifier
 from gateway.policy import Policy
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import Guard, RateLimiter
 from gateway.settings import Settings
 from gateway.store.base import Store
 from gateway.tasks import TaskSet
@@ -56,4 +56,5 @@ MAIL_OUTBOX = web.AppKey("mail_outbox", MailOutbox)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")  # the injected clock
 BUDGETS = web.AppKey("budgets", Budgets)
 LIMITS = web.AppKey("limits", RateLimiter)
+ADDRESS_LIMITS: web.AppKey[Guard] = web.AppKey("address_limits")  # errors_middleware calls it
 INFO = web.RequestKey("info", RequestInfo)

@@ -132,6 +132,8 @@ def loggable_path(path: str) -> str:
 
 def log_request(info: RequestInfo, request: web.Request, status: int, latency_ms: float) -> None:
     """Emit the canonical line for one answered request (nothing is formatted when off)."""
+    if not access.isEnabledFor(logging.INFO):
+        return  # nor for DEBUG, the probes' level: the usual case at WARNING costs one test
     path = info.path or request.rel_url.raw_path
     level = logging.DEBUG if path in PROBE_PATHS and status < 400 else logging.INFO
     if not access.isEnabledFor(level):

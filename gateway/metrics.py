@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
@@ -62,6 +62,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._hot = _HotCollector()
         self.registry.register(self._hot)
+        # Count one answered request (decision, rule, status): the hot collector's own
+        # method, so every request makes one call, not two.
+        self.request: Callable[[str, str, int], None] = self._hot.request
         self._upstream_errors = Counter(
             "cosigner_upstream_errors",
             "Upstream attempts that got no HTTP answer (connection error or timeout).",
@@ -87,10 +90,6 @@ class Metrics:
             self._forwards.labels(outcome)
         self._state = _StateCollector(policy)
         self.registry.register(self._state)
-
-    def request(self, decision: str, rule: str, status: int) -> None:
-        """Count one answered request."""
-        self._hot.request(decision, rule, status)
 
     def upstream(self, seconds: float, answered: bool) -> None:
         """One upstream attempt took ``seconds``; ``answered`` is False without an HTTP answer."""

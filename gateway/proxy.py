@@ -87,9 +87,11 @@ async def read_canonical(request: web.Request, max_body: int) -> CanonicalReques
     for header in METHOD_OVERRIDE_HEADERS:
         if header in request.headers:
             raise InvalidRequest(f"The {header} header is not accepted by this gateway.")
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in DECODED_ENCODINGS:
-        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not supported.")
+    encoding = request.headers.get("Content-Encoding")  # usually none: identity
+    if encoding is not None:
+        encoding = encoding.strip().lower()
+        if encoding not in DECODED_ENCODINGS:
+            raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not supported.")
     if request.content_length is not None and request.content_length > max_body:
         raise PayloadTooLarge(f"Request body is larger than {max_body} bytes.")
     try:
@@ -126,12 +128,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     resolved = await for_rules(app[FORWARDER], req, rules, agent.upstream_key, request.headers)
     decision, reservation = await app[BUDGETS].decide(
         rules,
-        RuleRequest(
-            method=req.method,
-            path=req.path,
-            params=resolved.params if resolved is not None else req.params,
-            agent=agent.name,
-            account=request.headers.get("Stripe-Account"),
+        RuleRequest(  # method, path, params, agent, account
+            req.method,
+            req.path,
+            resolved.params if resolved is not None else req.params,
+            agent.name,
+            request.headers.get("Stripe-Account"),
         ),
         ref=info.request_id,
     )
@@ -147,7 +149,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 async def _allow(
     request: web.Request, req: CanonicalRequest, agent: Agent, decision: Decision
 ) -> web.StreamResponse:
-    started = time.perf_counter()
+    started = time.perf_counter()  # for a write's receipt
     headers = _forward_headers(request)
     headers["Authorization"] = f"Bearer {agent.upstream_key}"
     if req.body and req.content_type:
@@ -175,16 +177,16 @@ async def _receipt(
     """Durable receipt for a write decided without a hold."""
     latency = (time.perf_counter() - started) * 1000 if started else 0.0
     await request.app[STORE].record_request(
-        RequestReceipt(
-            id=request[INFO].request_id,
-            ts=time.time(),
-            agent=agent.name,
-            method=req.method,
-            path=req.path,
-            rule=decision.rule,
-            decision=decision.action,
-            status=status,
-            latency_ms=round(latency, 2),
+        RequestReceipt(  # id, ts, agent, method, path, rule, decision, status, latency_ms
+            request[INFO].request_id,
+            time.time(),
+            agent.name,
+            req.method,
+            req.path,
+            decision.rule,
+            decision.action,
+            status,
+            round(latency, 2),
         )
     )
 

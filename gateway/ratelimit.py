@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from gateway.errors import CosignerError, RateLimited
 
@@ -40,13 +39,14 @@ if TYPE_CHECKING:  # settings imports this module to validate rates
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PageAnswer = Callable[[web.Request, RateLimited], web.StreamResponse]
+Guard = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 MAX_BUCKETS = 10_000
 LOGIN_PATH = "/dashboard/login"
 PAGE_PREFIXES = ("/review/", LOGIN_PATH)
 SIGN_IN_PREFIXES = ("/cosigner/", "/dashboard")
 HTML_PREFIXES = ("/review/", "/dashboard")  # pages for people: their 429 is a page too
-LIMITED_PREFIXES = PAGE_PREFIXES + SIGN_IN_PREFIXES  # everywhere else, this middleware passes
+LIMITED_PREFIXES = PAGE_PREFIXES + SIGN_IN_PREFIXES  # where address_limits apply
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*(?:burst\s+(\d+))?\s*", re.IGNORECASE)
 
@@ -189,20 +189,18 @@ def limiter_from_settings(settings: Settings) -> RateLimiter:
     )
 
 
-def limits_middleware(limiter: RateLimiter, *, page_answer: PageAnswer | None = None) -> Middleware:
+def address_limits(limiter: RateLimiter, *, page_answer: PageAnswer | None = None) -> Guard:
     """Per-address limits on the review pages, the login form and sign-in failures.
 
-    Keyed by path prefix, so it covers routes it knows nothing else about. It
-    must run inside the errors middleware, which renders the 429 in Stripe's
-    shape; on the pages people read (``HTML_PREFIXES``), ``page_answer``
-    renders it instead, as a page.
+    Keyed by path prefix, so it covers routes it knows nothing else about: the errors
+    middleware hands it every request under ``LIMITED_PREFIXES`` (the proxy's requests
+    never pay for a layer they pass through; per-agent limits are the proxy's own). A 429
+    it raises is rendered in Stripe's shape by that middleware; on the pages people read
+    (``HTML_PREFIXES``), ``page_answer`` renders it instead, as a page.
     """
 
-    @web.middleware
     async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if not path.startswith(LIMITED_PREFIXES):  # the proxy (per-agent limits are its own)
-            return await handler(request)
         address = request.remote or "-"
         guarded = path.startswith(SIGN_IN_PREFIXES)
         try:

@@ -37,9 +37,8 @@ _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
 _INDEX = re.compile(r"0|[1-9][0-9]*")
 
 
-@dataclass(frozen=True, slots=True)
-class RuleRequest:
-    """What the rules see of one request."""
+class RuleRequest(NamedTuple):
+    """What the rules see of one request (a NamedTuple: made for every request)."""
 
     method: str
     path: str
