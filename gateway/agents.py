@@ -116,13 +116,19 @@ class AgentResolver:
         """Keyed fingerprint of a credential ("the same credential" without storing it)."""
         return self._keyring.fingerprint(credential)
 
+    def known(self, authorization: str | None) -> Agent | None:
+        """The agent of a header seen before and still trusted, or None: then ``resolve``."""
+        known = self._known.get(authorization) if authorization else None
+        if known is not None and known[1] > self._clock():
+            return known[0]
+        return None
+
     async def resolve(self, authorization: str | None) -> Agent:
         """The agent, or AuthenticationFailed (401) — never held."""
+        agent = self.known(authorization)
+        if agent is not None:
+            return agent
         now = self._clock()
-        if authorization:
-            known = self._known.get(authorization)
-            if known is not None and known[1] > now:
-                return known[0]
         credential = credential_from_header(authorization)
         if credential is None:
             raise AuthenticationFailed(

@@ -68,10 +68,14 @@ class Budgets:
         self._clock = clock
 
     async def decide(
-        self, rules: RuleSet, req: RuleRequest, ref: str
+        self, rules: RuleSet, req: RuleRequest, ref: str, first: Decision | None = None
     ) -> tuple[Decision, Reservation | None]:
-        """The decision, and the budget entry taken for it if its rule has a budget."""
-        decision = rules.decide(req)
+        """The decision, and the budget entry taken for it if its rule has a budget.
+
+        ``first``: ``rules.decide(req)`` when the caller already has it (the proxy asks
+        only when a budgeted rule matched).
+        """
+        decision = rules.decide(req) if first is None else first
         # The hot path: no budget in play, no store access.
         if not rules.has_budgets or decision.budget is None:
             return decision, None

@@ -39,7 +39,7 @@ from gateway.keys import (
     SETTINGS,
     STORE,
 )
-from gateway.resolve import Resolution, for_rules
+from gateway.resolve import Resolution, for_rules, needs_resolution
 from gateway.rules import Decision, RuleRequest
 from gateway.store.base import ActionRecord, RequestReceipt
 from gateway.stripe_api import check_api_request
@@ -84,10 +84,11 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.
 
 async def read_canonical(request: web.Request, max_body: int) -> CanonicalRequest:
     """The one canonical reading of a request, or a Stripe-shaped 4xx."""
+    headers = request.headers
     for header in METHOD_OVERRIDE_HEADERS:
-        if header in request.headers:
+        if header in headers:
             raise InvalidRequest(f"The {header} header is not accepted by this gateway.")
-    encoding = request.headers.get("Content-Encoding")  # usually none: identity
+    encoding = headers.get("Content-Encoding")  # usually none: identity
     if encoding is not None:
         encoding = encoding.strip().lower()
         if encoding not in DECODED_ENCODINGS:
@@ -99,7 +100,7 @@ async def read_canonical(request: web.Request, max_body: int) -> CanonicalReques
     except (ConnectionResetError, aiohttp.ClientPayloadError):
         # SECURITY: a body cut short is unreadable, never "empty" or "what arrived".
         raise InvalidBody("The request body could not be read completely.") from None
-    content_type = request.headers.get("Content-Type") if body else None
+    content_type = headers.get("Content-Type") if body else None
     req = read_request(request.method, request.raw_path, content_type, body)
     # SECURITY: what Stripe reads of the request must be what the rules read.
     check_api_request(req)
@@ -110,14 +111,17 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     """Every Stripe API call an agent makes comes through here."""
     app = request.app
     settings = app[SETTINGS]
-    agent = await app[AGENTS].resolve(request.headers.get("Authorization"))
+    headers = request.headers
+    authorization = headers.get("Authorization")
+    agents = app[AGENTS]
+    agent = agents.known(authorization) or await agents.resolve(authorization)
     info = request[INFO]
     info.agent = agent.name
     app[LIMITS].agent(agent.name, write=request.method not in READ_METHODS)
     req = await read_canonical(request, settings.max_body)
     info.path = req.path
-    wait = parse_wait(request.headers.get(WAIT_HEADER), settings.max_wait)
-    key = request.headers.get("Idempotency-Key")
+    wait = parse_wait(headers.get(WAIT_HEADER), settings.max_wait)
+    key = headers.get("Idempotency-Key")
     if key and req.method not in READ_METHODS and req.method != "DELETE":
         existing = await app[STORE].find_idempotent(agent.name, key)
         if existing is not None:
@@ -125,18 +129,23 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
     rules = app[POLICY].current
     # Implicit money (a refund without amount...) is looked up for the rules only.
-    resolved = await for_rules(app[FORWARDER], req, rules, agent.upstream_key, request.headers)
-    decision, reservation = await app[BUDGETS].decide(
-        rules,
-        RuleRequest(  # method, path, params, agent, account
-            req.method,
-            req.path,
-            resolved.params if resolved is not None else req.params,
-            agent.name,
-            request.headers.get("Stripe-Account"),
-        ),
-        ref=info.request_id,
+    target = needs_resolution(req, rules)
+    resolved = None
+    if target is not None:
+        resolved = await for_rules(app[FORWARDER], req, target, agent.upstream_key, headers)
+    rule_request = RuleRequest(  # method, path, params, agent, account
+        req.method,
+        req.path,
+        resolved.params if resolved is not None else req.params,
+        agent.name,
+        headers.get("Stripe-Account"),
     )
+    decision = rules.decide(rule_request)
+    reservation = None
+    if decision.budget is not None:  # its budget decides, in the store
+        decision, reservation = await app[BUDGETS].decide(
+            rules, rule_request, ref=info.request_id, first=decision
+        )
     info.rule, info.decision = decision.rule, decision.action
     if decision.action == "allow":
         return await _allow(request, req, agent, decision)

@@ -293,14 +293,11 @@ def implied_money(target: Target, obj: Mapping[str, Any]) -> tuple[int | None, s
 async def for_rules(
     forwarder: Forwarder,
     req: CanonicalRequest,
-    rules: RuleSet,
+    target: Target,
     api_key: str,
     headers: Mapping[str, str],
-) -> Resolution | None:
-    """Resolve implicit money for the rules; None when the request needs no lookup."""
-    target = needs_resolution(req, rules)
-    if target is None:
-        return None
+) -> Resolution:
+    """Resolve the implicit money of ``target`` (``needs_resolution``'s) for the rules."""
     lookup = await fetch(forwarder, target, api_key, headers, timeout=RULES_TIMEOUT)
     params = dict(req.params)
     amount: int | None = None
