@@ -893,6 +893,54 @@ async def test_receipts_written_together_are_each_durable(tmp_path: Path) -> Non
         await store.close()
 
 
+async def test_receipts_come_back_exactly_as_written(tmp_path: Path) -> None:
+    # SQLite receipts go in as one JSON text per batch: floats, None and any text must
+    # come back bit for bit, as bound parameters would.
+    store = await _sqlite(tmp_path)
+    try:
+        now = time.time()
+        receipts = [
+            RequestReceipt(
+                f"req_{i:03d}",
+                now + i / 7,
+                "sk_test_…a9Zé☃\"\\",
+                "POST",
+                "/v1/refunds",
+                "rule \u2028 with ' quotes",
+                "allow",
+                200 + i,
+                round(i / 3, 2),
+                None if i % 2 else f"act_{i}",
+            )
+            for i in range(50)
+        ]
+        await asyncio.gather(*(store.record_request(r) for r in receipts))
+        assert sorted(await store.requests(100), key=lambda r: r.id) == receipts
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_receipt_writer_leaves_its_batch_alone(tmp_path: Path) -> None:
+    store = await _sqlite(tmp_path)
+    try:
+        receipts = [
+            RequestReceipt(f"req_{i}", 1.0 + i, "a", "POST", "/v1/refunds", "r", "allow", 200, 1)
+            for i in range(20)
+        ]
+        tasks = [asyncio.ensure_future(store.record_request(r)) for r in receipts]
+        await asyncio.sleep(0)  # every one queued
+        tasks[3].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[3], asyncio.CancelledError)
+        assert all(r is None for n, r in enumerate(results) if n != 3)
+        # Its receipt was in the batch all the same: a cancelled caller stops waiting only.
+        assert sorted(await store.requests(100), key=lambda r: r.id) == sorted(
+            receipts, key=lambda r: r.id
+        )
+    finally:
+        await store.close()
+
+
 async def test_closing_leaves_no_transaction_waiting_for_its_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

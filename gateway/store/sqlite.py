@@ -119,11 +119,15 @@ def _run_steps(tx: SqliteTx, steps: Sequence[Step], last: Step, conn: sqlite3.Co
         raise
 
 
-def _savepoint(conn: sqlite3.Connection) -> None:
-    # Outside a transaction a SAVEPOINT would start one of its own and its RELEASE commit
-    # it alone: never join a group commit whose BEGIN failed.
+def _joined(conn: sqlite3.Connection) -> None:
+    # Outside a transaction a statement (or a SAVEPOINT) would start one of its own and
+    # commit alone: never join a group commit whose BEGIN failed.
     if not conn.in_transaction:
         raise sqlite3.OperationalError("the group commit this transaction joined did not begin")
+
+
+def _savepoint(conn: sqlite3.Connection) -> None:
+    _joined(conn)
     conn.execute("SAVEPOINT tx")
 
 
@@ -160,12 +164,18 @@ class _Outcome:
 
 
 def _finish(
-    steps: Sequence[Step], started: bool, commit: bool, conn: sqlite3.Connection
+    steps: Sequence[Step],
+    started: bool,
+    commit: bool,
+    savepoint: bool,
+    conn: sqlite3.Connection,
 ) -> _Outcome:
     """The transaction's deferred statements and RELEASE, and the COMMIT when it is due.
 
     ``started``: an earlier trip opened this transaction's SAVEPOINT, so a batch must be
     open; if SQLite rolled it back meanwhile, nothing more is written in autocommit.
+    Without ``savepoint`` the transaction is one statement, which SQLite undoes by
+    itself when it fails: no SAVEPOINT to RELEASE or roll back to.
     """
     out = _Outcome()
     began = conn.in_transaction
@@ -177,12 +187,14 @@ def _finish(
         for step in steps:
             step(conn)
             began = began or conn.in_transaction
-        conn.execute("RELEASE tx")
+        if savepoint:
+            conn.execute("RELEASE tx")
     except Exception as exc:
         out.error = exc
         if began and not conn.in_transaction:
             out.commit_error = exc  # SQLite rolled the whole batch back: nobody's work is in
-        _rollback_to_savepoint(conn)
+        if savepoint:
+            _rollback_to_savepoint(conn)
     if commit and out.commit_error is None:
         out.commit_error = _commit(conn)
     out.closed = not conn.in_transaction
@@ -253,12 +265,17 @@ class SqliteTx:
     statement that fails still fails the logical transaction and rolls it back.
     """
 
-    def __init__(self, writer: Writer, now: float, *, begin: bool) -> None:
+    def __init__(self, writer: Writer, now: float, *, begin: bool, savepoint: bool = True) -> None:
         self._writer = writer
         self._now = now
+        self._savepoint = savepoint
         # The first transaction of a batch opens it; the BEGIN goes with its first trip.
-        self._steps: list[Step] = [_execute("BEGIN IMMEDIATE")] if begin else []
-        self._steps.append(_savepoint)
+        if begin:
+            self._steps: list[Step] = [_execute("BEGIN IMMEDIATE")]
+            if savepoint:
+                self._steps.append(_savepoint)
+        else:
+            self._steps = [_savepoint if savepoint else _joined]
         self.started = False  # a trip to the writer thread was queued (the SAVEPOINT with it)
         self.lost: Exception | None = None  # what made SQLite roll the whole batch back
 
@@ -280,7 +297,7 @@ class SqliteTx:
         """The last trip: deferred statements, RELEASE, and the batch's COMMIT if ``commit``."""
         steps, self._steps = self._steps, []
         started, self.started = self.started, True
-        return partial(_finish, steps, started, commit)
+        return partial(_finish, steps, started, commit, self._savepoint)
 
     async def rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         """A query's rows."""
@@ -379,9 +396,12 @@ def _event_args(event: EventRecord) -> tuple[Any, ...]:
 
 
 MAX_BATCH = 512  # logical transactions per group commit
-_INSERT_REQUEST = (
-    "INSERT INTO requests (id, ts, agent, method, path, rule, decision, status, latency_ms,"
-    " action_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_REQUEST_COLUMNS = RequestReceipt._fields  # a receipt is its row
+# Receipts in: one JSON array of rows (each an array in the columns' order) per statement.
+_INSERT_REQUESTS = (
+    f"INSERT INTO requests ({', '.join(_REQUEST_COLUMNS)}) SELECT "
+    + ", ".join(f"json_extract(value, '$[{n}]')" for n in range(len(_REQUEST_COLUMNS)))
+    + " FROM json_each(?)"
 )
 BUSY_TIMEOUT_MS = 10_000
 _PRAGMAS = (
@@ -447,7 +467,7 @@ class SqliteStore:
         self._committing = 0  # COMMITs queued to the writer thread and not yet done
         self._flushes: set[asyncio.Task[None]] = set()
         self._receipts: list[tuple[Any, ...]] = []  # request receipts waiting for a batch
-        self._receipts_done: asyncio.Future[None] | None = None  # resolves at their commit
+        self._receipt_waiters: list[asyncio.Future[None]] = []  # theirs, in the same order
         self._receipts_flusher: asyncio.Task[None] | None = None
         self.commits = 0  # SQLite commits made (fewer than transactions, thanks to batching)
         self._writer: Writer | None = None
@@ -497,7 +517,7 @@ class SqliteStore:
         self._reader = self._writer = None
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SqliteTx]:
+    async def transaction(self, *, one_statement: bool = False) -> AsyncIterator[SqliteTx]:
         """One logical transaction; several share one SQLite commit (group commit).
 
         Logical transactions take the writer lock in turn and run inside a SAVEPOINT of the
@@ -507,6 +527,9 @@ class SqliteStore:
         fsync makes the whole batch durable, and every caller returns only after it. A
         failing logical transaction rolls back to its savepoint and leaves the rest of the
         batch alone.
+
+        ``one_statement``: the transaction runs exactly one statement, which SQLite undoes
+        by itself if it fails, so it goes without a SAVEPOINT (and its RELEASE).
         """
         self._queued += 1
         try:
@@ -522,7 +545,9 @@ class SqliteStore:
             if batch is None:
                 batch = self._batch = asyncio.get_running_loop().create_future()
                 self._batch_size, self._batch_begun = 0, False
-            tx = SqliteTx(self._w, self._clock(), begin=not self._batch_begun)
+            tx = SqliteTx(
+                self._w, self._clock(), begin=not self._batch_begun, savepoint=not one_statement
+            )
             try:
                 yield tx
             except BaseException:
@@ -682,45 +707,53 @@ class SqliteStore:
     async def record_request(self, receipt: RequestReceipt) -> None:
         """Queue the receipt for the next batch; return once that batch is committed.
 
-        Receipts are the hot path of allowed writes: one executemany per batch instead of a
-        logical transaction per receipt.
+        Receipts are the hot path of allowed writes: one statement per batch instead of a
+        logical transaction per receipt. Each caller waits on a future of its own, which
+        the flusher resolves: a cancelled caller cancels only that, never the batch.
         """
+        done = asyncio.get_running_loop().create_future()
         self._receipts.append(receipt)  # a NamedTuple in the columns' order: the row itself
-        if self._receipts_done is None:
-            self._receipts_done = asyncio.get_running_loop().create_future()
-        done = self._receipts_done
+        self._receipt_waiters.append(done)
         if self._receipts_flusher is None:
             task = asyncio.get_running_loop().create_task(self._flush_receipts())
             self._receipts_flusher = task
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
-        # A cancelled caller does not cancel the batch its receipt is in.
-        await asyncio.shield(done)
+        await done
 
     async def _flush_receipts(self) -> None:
         """Write queued receipts, a batch at a time, until none are left.
 
         One batch at a time: receipts that come while one is being committed wait for the
         next, so a busy gateway writes many per transaction instead of many transactions.
+        A batch is one INSERT of rows read from one JSON text: a single statement, which
+        needs no savepoint, and one step of SQLite's for the writer thread however many
+        rows it carries (each step is a trip of the GIL between the threads).
         """
         try:
             while self._receipts:
-                done: asyncio.Future[None] | None = None
+                waiters: list[asyncio.Future[None]] = []
+                failed: BaseException | None = None
                 try:
-                    async with self.transaction() as tx:
+                    async with self.transaction(one_statement=True) as tx:
+                        # Taken once the batch is ours: what came meanwhile goes in too.
                         rows, self._receipts = self._receipts, []
-                        done, self._receipts_done = self._receipts_done, None
-                        tx.defer_many(_INSERT_REQUEST, rows)
+                        waiters, self._receipt_waiters = self._receipt_waiters, []
+                        tx.defer(_INSERT_REQUESTS, (json.dumps(rows),))
                 except BaseException as exc:
-                    if done is None:  # failed before taking the batch: fail everyone queued
-                        done, self._receipts_done, self._receipts = self._receipts_done, None, []
-                    if done is not None and not done.done():
-                        done.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                if done is not None and not done.done():
-                    done.set_result(None)
+                    failed = exc
+                    if not waiters:  # failed before taking the batch: fail everyone queued
+                        waiters, self._receipt_waiters = self._receipt_waiters, []
+                        self._receipts = []
+                for waiter in waiters:
+                    if waiter.done():
+                        continue
+                    if failed is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(failed)
+                if failed is not None and not isinstance(failed, Exception):
+                    raise failed
         finally:
             self._receipts_flusher = None
 
