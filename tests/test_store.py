@@ -903,7 +903,7 @@ async def test_receipts_come_back_exactly_as_written(tmp_path: Path) -> None:
             RequestReceipt(
                 f"req_{i:03d}",
                 now + i / 7,
-                "sk_test_…a9Zé☃\"\\",
+                'sk_test_…a9Zé☃"\\',
                 "POST",
                 "/v1/refunds",
                 "rule \u2028 with ' quotes",
@@ -937,6 +937,52 @@ async def test_a_cancelled_receipt_writer_leaves_its_batch_alone(tmp_path: Path)
         assert sorted(await store.requests(100), key=lambda r: r.id) == sorted(
             receipts, key=lambda r: r.id
         )
+    finally:
+        await store.close()
+
+
+async def test_receipts_alone_commit_in_one_statement_and_join_an_open_batch(
+    tmp_path: Path,
+) -> None:
+    store = await _sqlite(tmp_path)
+    try:
+        statements: list[str] = []
+        writer = store._w
+        assert writer._conn is not None
+        await writer.call(lambda conn: conn.set_trace_callback(statements.append))
+        receipt = RequestReceipt("req_1", 1.0, "a", "POST", "/v1/refunds", "r", "allow", 200, 1)
+        await store.record_request(receipt)
+        # Alone, the batch is SQLite's own transaction of its one INSERT: no BEGIN, no COMMIT.
+        assert [s.split()[0] for s in statements] == ["INSERT"]
+        other = await _sqlite(tmp_path)
+        try:
+            assert await other.requests(10) == [receipt]  # committed, durable
+        finally:
+            await other.close()
+
+        # With a logical transaction open, receipts join its batch and its COMMIT.
+        statements.clear()
+        entered, release = asyncio.Event(), asyncio.Event()
+        held = action()
+
+        async def slow() -> None:
+            async with store.transaction() as tx:
+                await tx.insert_action(held)
+                entered.set()
+                await release.wait()
+
+        holder = asyncio.create_task(slow())
+        await entered.wait()
+        second = receipt._replace(id="req_2")
+        writing = asyncio.create_task(store.record_request(second))
+        await asyncio.sleep(0.05)
+        assert not writing.done()  # waits for the batch it joined
+        release.set()
+        await asyncio.wait_for(asyncio.gather(holder, writing), 10)
+        words = [s.split()[0] for s in statements]
+        assert words.count("BEGIN") == 1 and words.count("COMMIT") == 1
+        assert words.index("BEGIN") < words.index("INSERT") and words[-1] == "COMMIT"
+        assert second in await store.requests(10)
     finally:
         await store.close()
 

@@ -106,6 +106,9 @@ def _execute(sql: str, args: Sequence[Any] = ()) -> Step:
     return lambda conn: conn.execute(sql, args)
 
 
+_BEGIN = _execute("BEGIN IMMEDIATE")
+
+
 def _run_steps(tx: SqliteTx, steps: Sequence[Step], last: Step, conn: sqlite3.Connection) -> Any:
     began = conn.in_transaction
     try:
@@ -271,7 +274,7 @@ class SqliteTx:
         self._savepoint = savepoint
         # The first transaction of a batch opens it; the BEGIN goes with its first trip.
         if begin:
-            self._steps: list[Step] = [_execute("BEGIN IMMEDIATE")]
+            self._steps: list[Step] = [_BEGIN]
             if savepoint:
                 self._steps.append(_savepoint)
         else:
@@ -297,6 +300,16 @@ class SqliteTx:
         """The last trip: deferred statements, RELEASE, and the batch's COMMIT if ``commit``."""
         steps, self._steps = self._steps, []
         started, self.started = self.started, True
+        if (
+            commit
+            and not started
+            and not self._savepoint
+            and len(steps) == 2
+            and steps[0] is _BEGIN
+        ):
+            # A batch of one statement, committed in the same trip: SQLite's own
+            # transaction of that statement does it (as durable), one step instead of three.
+            steps = steps[1:]
         return partial(_finish, steps, started, commit, self._savepoint)
 
     async def rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
