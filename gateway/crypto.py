@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gateway.ids import random_bytes
 
 _VERSION = b"\x01"
 
@@ -60,8 +61,13 @@ class Keyring:
         return self._derived(0, purpose)
 
     def seal(self, purpose: str, plaintext: bytes, aad: bytes) -> bytes:
-        """Encrypt and authenticate with AES-GCM; ``aad`` binds the ciphertext to its row."""
-        nonce = os.urandom(12)
+        """Encrypt and authenticate with AES-GCM; ``aad`` binds the ciphertext to its row.
+
+        The nonce is 96 bits from the system's CSPRNG, read in chunks (``random_bytes``):
+        a system call per hold released the GIL, and taking it back from the store's
+        writer thread cost the event loop far more than the call itself.
+        """
+        nonce = random_bytes(12)
         return _VERSION + nonce + self._aead(0, purpose).encrypt(nonce, plaintext, aad)
 
     def open(self, purpose: str, sealed: bytes, aad: bytes) -> bytes:
