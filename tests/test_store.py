@@ -681,6 +681,15 @@ async def _assert_durable(tmp_path: Path, records: list[ActionRecord]) -> None:
         await other.close()
 
 
+async def _requests_seen_elsewhere(tmp_path: Path) -> list[RequestReceipt]:
+    """The receipts a fresh connection (another process's view) reads."""
+    other = await _sqlite(tmp_path)
+    try:
+        return await other.requests(1000)
+    finally:
+        await other.close()
+
+
 async def test_group_commit_makes_every_transaction_durable_with_fewer_commits(
     tmp_path: Path,
 ) -> None:
@@ -874,11 +883,7 @@ async def test_receipts_written_together_are_each_durable(tmp_path: Path) -> Non
         before = store.commits
         await asyncio.gather(*(store.record_request(r) for r in receipts))
         assert store.commits - before < 300  # many receipts per commit
-        other = await _sqlite(tmp_path)
-        try:
-            assert sorted(await other.requests(1000), key=lambda r: r.id) == receipts
-        finally:
-            await other.close()
+        assert sorted(await _requests_seen_elsewhere(tmp_path), key=lambda r: r.id) == receipts
         # A receipt that cannot be written fails the callers in its batch, loudly...
         results = await asyncio.gather(
             store.record_request(receipts[0]),  # the same id again
@@ -954,11 +959,7 @@ async def test_receipts_alone_commit_in_one_statement_and_join_an_open_batch(
         await store.record_request(receipt)
         # Alone, the batch is SQLite's own transaction of its one INSERT: no BEGIN, no COMMIT.
         assert [s.split()[0] for s in statements] == ["INSERT"]
-        other = await _sqlite(tmp_path)
-        try:
-            assert await other.requests(10) == [receipt]  # committed, durable
-        finally:
-            await other.close()
+        assert await _requests_seen_elsewhere(tmp_path) == [receipt]  # committed, durable
 
         # With a logical transaction open, receipts join its batch and its COMMIT.
         statements.clear()
