@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -39,37 +40,56 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RESERVED_PREFIXES = ("/cosigner/", "/dashboard", "/review/", "/healthz", "/readyz", "/metrics")
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place errors become answers: Stripe's shape, a request id, one log line.
+def answered(handler: Handler, *, address_limits: bool = True) -> Handler:
+    """``handler`` as every route runs it: errors in Stripe's shape, a request id, one log line.
 
-    The only middleware, so a proxied request passes through one layer: the per-address
-    limits of the pages and sign-ins run from here, for their paths only.
+    The one place errors become answers: create_app wraps each route's handler in it.
+    Not a middleware: aiohttp runs every request of an app that has middlewares through
+    two more coroutine layers (the middleware and one that tracks the current app), and
+    a proxied GET is cheap enough for those to show. ``address_limits``: the per-address
+    limits of the pages and sign-ins run from here, for their paths only (the proxy's
+    route never serves one of those paths, so it does not look).
     """
-    info = keys.RequestInfo(request_id())
-    request[keys.INFO] = info
-    started = time.perf_counter()
-    try:
-        if request.path.startswith(LIMITED_PREFIXES):
-            response = await request.app[keys.ADDRESS_LIMITS](request, handler)
-        else:
-            response = await handler(request)
-    except CosignerError as exc:
-        response = error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            # Redirects stay exceptions for aiohttp to send; they still get an id and a line.
-            _finish(request, info, exc, started)
-            raise
-        response = error_response(error_from_http(exc))
-    except Exception:
-        path = loggable_path(request.rel_url.raw_path)
-        log.exception("unhandled error on %s %s (%s)", request.method, path, info.request_id)
-        err = CosignerError("An unexpected error occurred in the gateway.", code="internal_error")
-        err.status, err.type = 500, "api_error"
-        response = error_response(err)
-    _finish(request, info, response, started)
-    return response
+
+    @functools.wraps(handler)
+    async def answer(request: web.Request) -> web.StreamResponse:
+        info = keys.RequestInfo(request_id())
+        request[keys.INFO] = info
+        started = time.perf_counter()
+        try:
+            if address_limits and request.path.startswith(LIMITED_PREFIXES):
+                response = await request.app[keys.ADDRESS_LIMITS](request, handler)
+            else:
+                response = await handler(request)
+        except CosignerError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                # Redirects stay exceptions for aiohttp to send; they still get an id and a line.
+                _finish(request, info, exc, started)
+                raise
+            response = error_response(error_from_http(exc))
+        except Exception:
+            path = loggable_path(request.rel_url.raw_path)
+            log.exception("unhandled error on %s %s (%s)", request.method, path, info.request_id)
+            err = CosignerError(
+                "An unexpected error occurred in the gateway.", code="internal_error"
+            )
+            err.status, err.type = 500, "api_error"
+            response = error_response(err)
+        _finish(request, info, response, started)
+        return response
+
+    return answer
+
+
+def _answered(routes: Iterable[web.RouteDef]) -> list[web.RouteDef]:
+    out = []
+    for route in routes:
+        if isinstance(route.handler, type):
+            raise TypeError(f"{route.path}: class-based views are not used here")
+        out.append(web.RouteDef(route.method, route.path, answered(route.handler), route.kwargs))
+    return out
 
 
 def _finish(
@@ -98,10 +118,7 @@ def create_app(
     """Build the gateway. Tests inject a store, an upstream session, a mailer and a clock."""
     limiter = limiter_from_settings(settings)
     # Room above max_body so the proxy can answer 413 in Stripe's shape itself.
-    app = web.Application(
-        middlewares=[errors_middleware],
-        client_max_size=settings.max_body,
-    )
+    app = web.Application(client_max_size=settings.max_body)
     app[keys.LIMITS] = limiter
     app[keys.ADDRESS_LIMITS] = address_limits(limiter, page_answer=pages.too_many_requests)
     previous = (
@@ -205,11 +222,13 @@ def create_app(
     app.on_shutdown.append(release_waiters)
     app.cleanup_ctx.append(reload_ctx)
     ops.setup(app)
-    api.setup(app)
-    pages.setup_static(app)
-    review.setup(app)
-    dashboard.setup(app)
+    app.router.add_routes(
+        _answered(
+            [*ops.ROUTES, *api.ROUTES, *pages.static_routes(), *review.ROUTES, *dashboard.ROUTES]
+        )
+    )
     for prefix in RESERVED_PREFIXES:
-        app.router.add_route("*", prefix.rstrip("/") + "/{tail:.*}", reserved_not_found)
-    app.router.add_route("*", "/{tail:.*}", proxy)
+        path = prefix.rstrip("/") + "/{tail:.*}"
+        app.router.add_route("*", path, answered(reserved_not_found))
+    app.router.add_route("*", "/{tail:.*}", answered(proxy, address_limits=False))
     return app

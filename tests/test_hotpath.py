@@ -16,12 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import requests
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import ids, runtime
+from gateway.app import create_app
 from gateway.canonical import read_request
 from gateway.crypto import Keyring
 from gateway.errors import InvalidRequest, MethodNotAllowed
@@ -259,6 +262,41 @@ def test_hop_by_hop_headers_go_in_any_case_and_the_rest_stay_in_order() -> None:
         ("Set-Cookie", "b=2"),
         ("Request-Id", "req_1"),
     ]
+
+
+# --- every route answers the gateway's way -----------------------------------------------
+
+
+async def test_every_route_answers_with_a_request_id_and_no_middleware_runs(
+    tmp_path: Path, fake_stripe: str
+) -> None:
+    # Each route's handler is wrapped where it is registered (create_app): no middleware,
+    # whose two extra coroutine layers every proxied request would pay for.
+    app = create_app(settings_for(tmp_path, fake_stripe, CORE_RULES))
+    assert not app.middlewares
+    filled = {"id": "act_missing", "token": "not-a-token", "name": "nope.css", "tail": "x"}
+    server = TestServer(app)
+    await server.start_server()
+    seen = []
+    try:
+        async with aiohttp.ClientSession() as client:
+            for route in app.router.routes():
+                info = route.resource.get_info() if route.resource is not None else {}
+                path = info.get("path") or info["formatter"].format(**filled)
+                method = "GET" if route.method == "*" else route.method
+                async with client.request(method, server.make_url(path)) as resp:
+                    await resp.read()
+                    seen.append((method, path, resp.status))
+                    assert resp.headers["Cosigner-Request-Id"].startswith("req_"), seen[-1]
+                    if (
+                        method != "HEAD"
+                        and resp.status >= 400
+                        and resp.content_type.endswith("json")
+                    ):
+                        assert set((await resp.json())["error"]) >= {"type", "code", "message"}
+    finally:
+        await server.close()
+    assert len(seen) == len(app.router.routes()) > 20
 
 
 # --- the access line ----------------------------------------------------------------------

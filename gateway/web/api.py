@@ -169,10 +169,10 @@ async def cancel(request: web.Request) -> web.Response:
     return await _render(request, await request.app[ACTIONS].cancel(action.id, by=by))
 
 
-def setup(app: web.Application) -> None:
-    """Register the API routes."""
-    app.router.add_get("/cosigner/v1/actions", list_actions)
-    app.router.add_get("/cosigner/v1/actions/{id}", get_action)
-    app.router.add_post("/cosigner/v1/actions/{id}/approve", approve)
-    app.router.add_post("/cosigner/v1/actions/{id}/reject", reject)
-    app.router.add_post("/cosigner/v1/actions/{id}/cancel", cancel)
+ROUTES = (
+    web.get("/cosigner/v1/actions", list_actions),
+    web.get("/cosigner/v1/actions/{id}", get_action),
+    web.post("/cosigner/v1/actions/{id}/approve", approve),
+    web.post("/cosigner/v1/actions/{id}/reject", reject),
+    web.post("/cosigner/v1/actions/{id}/cancel", cancel),
+)

@@ -331,13 +331,13 @@ async def home(request: web.Request) -> web.Response:
     return redirect(request, HOME)
 
 
-def setup(app: web.Application) -> None:
-    """Register the dashboard routes."""
-    app.router.add_get("/dashboard", home)
-    app.router.add_get("/dashboard/", home)
-    app.router.add_get("/dashboard/login", login_form)
-    app.router.add_post("/dashboard/login", login)
-    app.router.add_post("/dashboard/logout", logout)
-    app.router.add_get("/dashboard/actions", list_actions)
-    app.router.add_get("/dashboard/actions/{id}", receipt)
-    app.router.add_post("/dashboard/actions/{id}/decide", decide)
+ROUTES = (
+    web.get("/dashboard", home),
+    web.get("/dashboard/", home),
+    web.get("/dashboard/login", login_form),
+    web.post("/dashboard/login", login),
+    web.post("/dashboard/logout", logout),
+    web.get("/dashboard/actions", list_actions),
+    web.get("/dashboard/actions/{id}", receipt),
+    web.post("/dashboard/actions/{id}/decide", decide),
+)

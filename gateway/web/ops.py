@@ -87,10 +87,14 @@ async def mark_shutting_down(app: web.Application) -> None:
     app[SHUTTING_DOWN].set()
 
 
+ROUTES = (
+    web.get("/healthz", healthz),
+    web.get("/readyz", readyz),
+    web.get("/metrics", metrics),
+)
+
+
 def setup(app: web.Application) -> None:
-    """Register the probe and metrics routes."""
+    """What the probes need: /readyz turns 503 once shutdown begins."""
     app[SHUTTING_DOWN] = asyncio.Event()
     app.on_shutdown.append(mark_shutting_down)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)

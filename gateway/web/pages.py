@@ -142,7 +142,7 @@ def _static_files() -> dict[str, bytes]:
     }
 
 
-def setup_static(app: web.Application) -> None:
+def static_routes() -> list[web.RouteDef]:
     """Serve the stylesheet (and friends) from the package: pages render offline, no CDN."""
     files = _static_files()
 
@@ -157,4 +157,4 @@ def setup_static(app: web.Application) -> None:
             headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
         )
 
-    app.router.add_get("/dashboard/static/{name}", static)
+    return [web.get("/dashboard/static/{name}", static)]

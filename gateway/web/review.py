@@ -221,7 +221,7 @@ def _done(request: web.Request, action: ActionRecord, decision: str) -> web.Resp
     return message(request, 200, "Approved", text, tone="ok", **extra)
 
 
-def setup(app: web.Application) -> None:
-    """Register the review pages."""
-    app.router.add_get("/review/{token}", show)
-    app.router.add_post("/review/{token}", decide)
+ROUTES = (
+    web.get("/review/{token}", show),
+    web.post("/review/{token}", decide),
+)
