@@ -100,22 +100,25 @@ def _encode(raw: bytes) -> str:
 
 _request_tails = _RandomText(12)  # 9 random bytes' worth
 os.register_at_fork(after_in_child=_request_tails.forget)
-_request_stamp = (-1, "")  # the last millisecond a request id was made in, encoded
+# The time in ms is 48 bits, 8 characters of 6 bits each: the first 6 characters are its
+# bits above the lowest 12 (they change every 4,096 ms), the last 2 its lowest 12 bits.
+_LOW_STAMPS = tuple(_encode(low.to_bytes(6, "big"))[6:] for low in range(4096))
+_request_high = (-1, "")  # the last 4,096 ms a request id was made in, encoded
 
 
 def request_id() -> str:
     """``req_``, the time in ms and 72 random bits, URL-safe: the id of one answered request.
 
     Ids sort by time (to the millisecond; in random order within one): the 6 bytes of the
-    time in ms encode to 8 characters on their own, so a stamp encoded once serves every
-    id of its millisecond.
+    time in ms encode to 8 characters on their own, the first 6 of them encoded once
+    every 4 seconds and the last 2 looked up.
     """
     ms = time.time_ns() // 1_000_000
-    global _request_stamp
-    stamp = _request_stamp
-    if stamp[0] != ms:
-        stamp = _request_stamp = (ms, "req_" + _encode(ms.to_bytes(6, "big")))
-    return stamp[1] + _request_tails.take()
+    global _request_high
+    high = _request_high
+    if high[0] != ms >> 12:
+        high = _request_high = (ms >> 12, "req_" + _encode(ms.to_bytes(6, "big"))[:6])
+    return high[1] + _LOW_STAMPS[ms & 0xFFF] + _request_tails.take()
 
 
 def _ms() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -25,17 +24,25 @@ from gateway.store.base import Store
 from gateway.tasks import TaskSet
 
 
-@dataclass(slots=True)
 class RequestInfo:
-    """What the canonical log line says about one request, filled in as it is handled."""
+    """What the canonical log line says about one request, filled in as it is handled.
 
-    request_id: str
+    The defaults are the class's: a request sets only what it learns (one attribute on
+    a GET, where a dataclass's __init__ would set all seven).
+    """
+
     agent: str = "-"
     rule: str = "-"
     decision: str = "-"
     action_id: str = "-"
     upstream_status: int | None = None
     path: str = ""  # the canonical path, once the proxy has read the request
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+    def __repr__(self) -> str:
+        return f"RequestInfo({vars(self)!r})"
 
 
 SETTINGS = web.AppKey("settings", Settings)

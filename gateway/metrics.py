@@ -60,16 +60,18 @@ class Metrics:
 
     def __init__(self, policy: Policy) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._hot = _HotCollector()
-        self.registry.register(self._hot)
-        # Count one answered request (decision, rule, status): the hot collector's own
-        # method, so every request makes one call, not two.
-        self.request: Callable[[str, str, int], None] = self._hot.request
-        self._upstream_errors = Counter(
+        upstream_errors = Counter(
             "cosigner_upstream_errors",
             "Upstream attempts that got no HTTP answer (connection error or timeout).",
             registry=self.registry,
         )
+        self._hot = _HotCollector(upstream_errors)
+        self.registry.register(self._hot)
+        # The hot collector's own methods, so every request makes one call, not two:
+        # count one answered request (decision, rule, status); one upstream attempt took
+        # ``seconds`` (``answered`` is False without an HTTP answer).
+        self.request: Callable[[str, str, int], None] = self._hot.request
+        self.upstream: Callable[[float, bool], None] = self._hot.upstream
         self._forward_attempts = Counter(
             "cosigner_forward_attempts",
             "Attempts to forward approved actions, by result: answered (final answer), "
@@ -90,12 +92,6 @@ class Metrics:
             self._forwards.labels(outcome)
         self._state = _StateCollector(policy)
         self.registry.register(self._state)
-
-    def upstream(self, seconds: float, answered: bool) -> None:
-        """One upstream attempt took ``seconds``; ``answered`` is False without an HTTP answer."""
-        self._hot.upstream(seconds)
-        if not answered:
-            self._upstream_errors.inc()
 
     def forward_attempt(self, attempt: Attempt) -> None:
         """One attempt to forward an approved action."""
@@ -122,7 +118,8 @@ class Metrics:
 class _HotCollector(Collector):
     """``cosigner_requests`` and ``cosigner_upstream_latency_seconds``, as plain numbers."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstream_errors: Counter) -> None:
+        self._upstream_errors = upstream_errors
         self._created = time.time()
         # (decision, rule, status) -> [count, created]; label values are made at scrape time.
         self._requests: dict[tuple[str, str, int], list[float]] = {}
@@ -136,9 +133,11 @@ class _HotCollector(Collector):
             counted = self._requests[key] = [0, time.time()]
         counted[0] += 1
 
-    def upstream(self, seconds: float) -> None:
+    def upstream(self, seconds: float, answered: bool) -> None:
         self._buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self._latency_sum += seconds
+        if not answered:
+            self._upstream_errors.inc()
 
     def describe(self) -> Iterable[Metric]:
         return []

@@ -8,7 +8,8 @@ import time
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDictProxy, istr
 
 from gateway.actions import HoldRequest, request_hash
 from gateway.agents import Agent
@@ -51,22 +52,32 @@ from gateway.waiting import parse_wait, wait_for_outcome
 log = logging.getLogger("cosigner.proxy")
 
 # SECURITY: a rule must judge the method Stripe acts on; override headers could change it.
-METHOD_OVERRIDE_HEADERS = (
-    "X-HTTP-Method-Override",
-    "X-HTTP-Method",
-    "X-Method-Override",
-    "X-Original-Method",
+# Lower case: a multidict's keys view compares names case-insensitively with them.
+METHOD_OVERRIDE_HEADERS = frozenset(
+    {"x-http-method-override", "x-http-method", "x-method-override", "x-original-method"}
 )
 # Bodies aiohttp decodes before we read them; any other encoding would be read as it came.
 DECODED_ENCODINGS = frozenset({"identity", "gzip", "deflate"})
 READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_JUSTIFICATION = 2000
+# Header names the proxy reads, as multidict's istr: a plain str name is case-folded on
+# every lookup, an istr's folding is done once, here.
+AUTHORIZATION = hdrs.AUTHORIZATION
+CONTENT_ENCODING = hdrs.CONTENT_ENCODING
+CONTENT_TYPE = hdrs.CONTENT_TYPE
+IDEMPOTENCY_KEY = istr("Idempotency-Key")
+STRIPE_ACCOUNT = istr("Stripe-Account")
+JUSTIFICATION = istr("Cosigner-Justification")
+CALLBACK = istr("Cosigner-Callback")
+WAIT = istr(WAIT_HEADER)
+_FORWARDED = tuple(istr(name) for name in FORWARD_REQUEST_HEADERS)
 
 
 def _forward_headers(request: web.Request) -> dict[str, str]:
+    """The request headers an agent may pass to Stripe, named as Stripe documents them."""
     headers = request.headers
     out: dict[str, str] = {}
-    for name in FORWARD_REQUEST_HEADERS:
+    for name in _FORWARDED:
         value = headers.get(name)
         if value is not None:
             out[name] = value
@@ -85,26 +96,38 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.
 async def read_canonical(request: web.Request, max_body: int) -> CanonicalRequest:
     """The one canonical reading of a request, or a Stripe-shaped 4xx."""
     headers = request.headers
-    for header in METHOD_OVERRIDE_HEADERS:
-        if header in headers:
-            raise InvalidRequest(f"The {header} header is not accepted by this gateway.")
-    encoding = headers.get("Content-Encoding")  # usually none: identity
-    if encoding is not None:
-        encoding = encoding.strip().lower()
-        if encoding not in DECODED_ENCODINGS:
-            raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not supported.")
+    _check_headers(headers)
     if request.content_length is not None and request.content_length > max_body:
         raise PayloadTooLarge(f"Request body is larger than {max_body} bytes.")
     try:
-        body = await request.read() if request.body_exists else b""
+        body = await request.read()
     except (ConnectionResetError, aiohttp.ClientPayloadError):
         # SECURITY: a body cut short is unreadable, never "empty" or "what arrived".
         raise InvalidBody("The request body could not be read completely.") from None
-    content_type = headers.get("Content-Type") if body else None
+    content_type = headers.get(CONTENT_TYPE) if body else None
     req = read_request(request.method, request.raw_path, content_type, body)
     # SECURITY: what Stripe reads of the request must be what the rules read.
     check_api_request(req)
     return req
+
+
+def read_bodiless(request: web.Request) -> CanonicalRequest:
+    """``read_canonical`` of a request without a body (most reads): nothing to await."""
+    _check_headers(request.headers)
+    req = read_request(request.method, request.raw_path, None, b"")
+    check_api_request(req)
+    return req
+
+
+def _check_headers(headers: CIMultiDictProxy[str]) -> None:
+    if not headers.keys().isdisjoint(METHOD_OVERRIDE_HEADERS):
+        header = sorted(headers.keys() & METHOD_OVERRIDE_HEADERS)[0]
+        raise InvalidRequest(f"The {header} header is not accepted by this gateway.")
+    encoding = headers.get(CONTENT_ENCODING)  # usually none: identity
+    if encoding is not None:
+        encoding = encoding.strip().lower()
+        if encoding not in DECODED_ENCODINGS:
+            raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not supported.")
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -112,17 +135,21 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     headers = request.headers
-    authorization = headers.get("Authorization")
+    authorization = headers.get(AUTHORIZATION)
     agents = app[AGENTS]
     agent = agents.known(authorization) or await agents.resolve(authorization)
     info = request[INFO]
     info.agent = agent.name
-    app[LIMITS].agent(agent.name, write=request.method not in READ_METHODS)
-    req = await read_canonical(request, settings.max_body)
+    read = request.method in READ_METHODS
+    app[LIMITS].agent(agent.name, write=not read)
+    if request.body_exists:
+        req = await read_canonical(request, settings.max_body)
+    else:
+        req = read_bodiless(request)
     info.path = req.path
-    wait = parse_wait(headers.get(WAIT_HEADER), settings.max_wait)
-    key = headers.get("Idempotency-Key")
-    if key and req.method not in READ_METHODS and req.method != "DELETE":
+    wait = parse_wait(headers.get(WAIT), settings.max_wait)
+    key = headers.get(IDEMPOTENCY_KEY)
+    if key and not read and req.method != "DELETE":
         existing = await app[STORE].find_idempotent(agent.name, key)
         if existing is not None:
             return await _answer(request, existing, req, wait)
@@ -138,7 +165,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         req.path,
         resolved.params if resolved is not None else req.params,
         agent.name,
-        headers.get("Stripe-Account"),
+        headers.get(STRIPE_ACCOUNT),
     )
     decision = rules.decide(rule_request)
     reservation = None
@@ -148,7 +175,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         )
     info.rule, info.decision = decision.rule, decision.action
     if decision.action == "allow":
-        return await _allow(request, req, agent, decision)
+        return await _allow(request, req, agent, decision, read)
     if decision.action == "deny":
         await _receipt(request, req, agent, decision, 403)
         raise Denied(decision.message or f"Denied by rule {decision.rule}.", rule=decision.rule)
@@ -156,11 +183,11 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _allow(
-    request: web.Request, req: CanonicalRequest, agent: Agent, decision: Decision
+    request: web.Request, req: CanonicalRequest, agent: Agent, decision: Decision, read: bool
 ) -> web.StreamResponse:
     started = time.perf_counter()  # for a write's receipt
     headers = _forward_headers(request)
-    headers["Authorization"] = f"Bearer {agent.upstream_key}"
+    headers["Authorization"] = "Bearer " + agent.upstream_key
     if req.body and req.content_type:
         headers["Content-Type"] = req.content_type
     out = Outbound(req.method, req.path, req.query, headers, req.body)
@@ -170,7 +197,7 @@ async def _allow(
         await _receipt(request, req, agent, decision, 502, started)
         raise UpstreamUnavailable(str(exc)) from exc
     request[INFO].upstream_status = resp.status
-    if req.method not in READ_METHODS:
+    if not read:
         await _receipt(request, req, agent, decision, resp.status, started)
     return web.Response(status=resp.status, body=resp.body, headers=resp.headers)
 
@@ -212,12 +239,12 @@ async def _hold(
 ) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
-    justification = request.headers.get("Cosigner-Justification")
+    justification = request.headers.get(JUSTIFICATION)
     if justification is not None and len(justification) > MAX_JUSTIFICATION:
         raise InvalidRequest(
             f"Cosigner-Justification is longer than {MAX_JUSTIFICATION} characters."
         )
-    callback = request.headers.get("Cosigner-Callback")
+    callback = request.headers.get(CALLBACK)
     if callback is not None:
         validate_callback_url(callback, settings)
     # What reviewers need, read live from Stripe; a failed lookup never fails the hold.
@@ -235,7 +262,7 @@ async def _hold(
             upstream_key=agent.upstream_key,
             headers=_forward_headers(request),
             idempotency_key=key,
-            account=request.headers.get("Stripe-Account"),
+            account=request.headers.get(STRIPE_ACCOUNT),
             justification=justification,
             callback_url=callback,
             summary=summarize(req.method, req.path, req.params, context),

@@ -85,12 +85,15 @@ PATH_WORDS = frozenset(_WORDS.split())
 
 def check_api_path(path: str) -> None:
     """Refuse a canonical path outside /v1 and /v2, or spelling a Stripe word another way."""
-    segments = path.split("/")[1:]
-    if not segments or segments[0] not in API_ROOTS:
+    segments = path.split("/")
+    if len(segments) < 2 or segments[1] not in API_ROOTS:
         raise InvalidPath("Stripe API paths start with /v1/ or /v2/.")
-    for segment in segments[1:]:
+    for segment in segments[2:]:
+        if segment in PATH_WORDS:  # spelled as Stripe spells it (most segments)
+            continue
+        # Any other spelling of a word (another case, a suffix) is refused.
         base = segment.partition(".")[0]
-        if (base != segment or not segment.islower()) and base.lower() in PATH_WORDS:
+        if base.lower() in PATH_WORDS:
             raise InvalidPath(
                 f"The path segment {segment!r} is not how Stripe spells {base.lower()!r}: "
                 "Stripe paths are lower case, without suffixes."

@@ -51,6 +51,24 @@ def test_request_ids_are_url_safe_do_not_repeat_and_sort_by_time() -> None:
     assert len(set("".join(rid[12:] for rid in made))) == 64
 
 
+@pytest.mark.parametrize(
+    "ms",
+    [0, 4095, 4096, 1_763_760_001_023, 1_763_760_001_024, 2**47 - 1],
+)
+def test_a_request_ids_stamp_is_the_time_in_ms_encoded_whole(
+    ms: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stamp is put together from its high 36 bits (kept for 4,096 ms) and a looked-up
+    # pair for the low 12: the same 8 characters as encoding all 48 bits at once.
+    monkeypatch.setattr(ids.time, "time_ns", lambda: ms * 1_000_000 + 999_999)
+    whole = ids._encode(ms.to_bytes(6, "big"))
+    assert ids.request_id()[:12] == "req_" + whole
+    monkeypatch.setattr(ids.time, "time_ns", lambda: (ms + 1) * 1_000_000)
+    if ms + 1 < 2**48:
+        assert ids.request_id()[:12] == "req_" + ids._encode((ms + 1).to_bytes(6, "big"))
+        assert whole < ids.request_id()[4:12]
+
+
 def test_action_ids_keep_their_shape_and_sort_by_time() -> None:
     made = [ids.sortable_id("act_") for _ in range(2_000)]
     assert len(set(made)) == len(made)
