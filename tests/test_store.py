@@ -881,8 +881,15 @@ async def test_receipts_written_together_are_each_durable(tmp_path: Path) -> Non
             for i in range(300)
         ]
         before = store.commits
+        statements: list[str] = []
+        assert store._w._conn is not None
+        await store._w.call(lambda conn: conn.set_trace_callback(statements.append))
         await asyncio.gather(*(store.record_request(r) for r in receipts))
         assert store.commits - before < 300  # many receipts per commit
+        # All 300 were queued at once: one INSERT per MAX_RECEIPT_ROWS of them.
+        inserts = [s for s in statements if s.startswith("INSERT INTO requests")]
+        assert len(inserts) == -(-300 // sqlite_store.MAX_RECEIPT_ROWS)
+        await store._w.call(lambda conn: conn.set_trace_callback(None))
         assert sorted(await _requests_seen_elsewhere(tmp_path), key=lambda r: r.id) == receipts
         # A receipt that cannot be written fails the callers in its batch, loudly...
         results = await asyncio.gather(
@@ -899,8 +906,8 @@ async def test_receipts_written_together_are_each_durable(tmp_path: Path) -> Non
 
 
 async def test_receipts_come_back_exactly_as_written(tmp_path: Path) -> None:
-    # SQLite receipts go in as one JSON text per batch: floats, None and any text must
-    # come back bit for bit, as bound parameters would.
+    # SQLite receipts go in as one multi-row INSERT per batch: floats, None and any text
+    # must come back bit for bit.
     store = await _sqlite(tmp_path)
     try:
         now = time.time()
