@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -1073,3 +1074,28 @@ async def test_a_batch_sqlite_rolls_back_whole_fails_every_member(
         assert await store.get_action(later.id) is not None
     finally:
         await store.close()
+
+
+async def test_the_writer_thread_runs_jobs_in_order_and_stops_when_closed(
+    tmp_path: Path,
+) -> None:
+    writer = sqlite_store.Writer()
+    await writer.open(str(tmp_path / "w.db"))
+    thread = writer._thread
+    assert thread is not None and thread.name == "cosigner-sqlite"
+    assert thread is not threading.current_thread()
+    order: list[int] = []
+    futures = [writer.submit(lambda conn, n=n: order.append(n) or n) for n in range(50)]
+    assert await asyncio.gather(*futures) == list(range(50)) == order
+    # A failing step fails its own caller with its own exception, and the next one runs.
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        await writer.call(lambda conn: conn.execute("SELECT * FROM nowhere"))
+    assert await writer.call(lambda conn: conn.execute("SELECT 41 + 1").fetchone()) == (42,)
+    # A caller that stops waiting does not stop the step: it runs, in its turn.
+    slow = asyncio.ensure_future(writer.call(lambda conn: time.sleep(0.05) or "done"))
+    await asyncio.sleep(0.01)
+    slow.cancel()
+    assert await writer.call(lambda conn: "after") == "after"
+    await writer.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()

@@ -9,13 +9,15 @@ ever sees committed data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from functools import partial
@@ -101,6 +103,7 @@ def migrations(dialect: str) -> list[tuple[int, str]]:
 
 
 T = TypeVar("T")
+A = TypeVar("A")
 Step = Callable[[sqlite3.Connection], Any]  # one piece of work on the writer's thread
 
 
@@ -234,10 +237,16 @@ class Writer:
     statements, and trips run in the order they were submitted: a logical transaction's
     BEGIN and SAVEPOINT go with its first statement, its write-only statements (events,
     outbox items, receipts) with its RELEASE and the batch's COMMIT.
+
+    The thread is a plain loop over a queue, not a ThreadPoolExecutor: the executor's
+    bookkeeping (its future, condition and callbacks, then asyncio's future wrapped
+    around that one) is Python run on this thread, holding the GIL the event loop
+    waits for, on every trip.
     """
 
     def __init__(self) -> None:
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosigner-sqlite")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
 
     async def open(self, path: str) -> None:
@@ -249,12 +258,14 @@ class Writer:
                 cached_statements=STATEMENT_CACHE,
             )
 
-        self._conn = await asyncio.get_running_loop().run_in_executor(self._thread, connect, None)
+        self._thread = threading.Thread(target=self._serve, name="cosigner-sqlite", daemon=True)
+        self._thread.start()
+        self._conn = await self._queue(connect, None)
 
     def submit(self, step: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Queue ``step`` for the writer thread now; it runs after everything queued before."""
         assert self._conn is not None, "store is not open"
-        return asyncio.get_running_loop().run_in_executor(self._thread, step, self._conn)
+        return self._queue(step, self._conn)
 
     async def call(self, step: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``step`` on the writer thread; a cancelled caller does not stop it midway."""
@@ -263,8 +274,44 @@ class Writer:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
-        self._thread.shutdown(wait=False)
+            await self._queue(sqlite3.Connection.close, conn)
+        if self._thread is not None:
+            self._jobs.put(None)  # the thread ends after what was queued before
+            self._thread = None
+
+    def _queue(self, step: Callable[[A], T], arg: A) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((step, arg, future, loop))
+        return future
+
+    def _serve(self) -> None:
+        """The writer thread: each job in turn, its outcome handed to the job's event loop."""
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            step, arg, future, loop = job
+            settle: Callable[[asyncio.Future[Any], Any], None] = _set_result
+            try:
+                outcome = step(arg)
+            except BaseException as exc:  # never leave a caller waiting
+                outcome, settle = exc, _set_exception
+            # A closed loop (RuntimeError) has nobody waiting for the outcome any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, future, outcome)
+            del job, step, arg, future, loop, outcome  # nothing kept until the next job
+
+
+_Job = tuple[Callable[[Any], Any], Any, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 class SqliteTx:
