@@ -140,12 +140,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     agent = agents.known(authorization) or await agents.resolve(authorization)
     info = request[INFO]
     info.agent = agent.name
-    read = request.method in READ_METHODS
-    app[LIMITS].agent(agent.name, write=not read)
+    app[LIMITS].agent(agent.name, write=request.method not in READ_METHODS)
     if request.body_exists:
         req = await read_canonical(request, settings.max_body)
     else:
         req = read_bodiless(request)
+    read = req.method in READ_METHODS  # the method as read (and upper-cased) for the rules
     info.path = req.path
     wait = parse_wait(headers.get(WAIT), settings.max_wait)
     key = headers.get(IDEMPOTENCY_KEY)
