@@ -682,6 +682,18 @@ async def _assert_durable(tmp_path: Path, records: list[ActionRecord]) -> None:
         await other.close()
 
 
+async def _traced(store: SqliteStore) -> list[str]:
+    """Every statement the writer connection runs from now on (until _untraced)."""
+    statements: list[str] = []
+    assert store._w._conn is not None
+    await store._w.call(lambda conn: conn.set_trace_callback(statements.append))
+    return statements
+
+
+async def _untraced(store: SqliteStore) -> None:
+    await store._w.call(lambda conn: conn.set_trace_callback(None))
+
+
 async def _requests_seen_elsewhere(tmp_path: Path) -> list[RequestReceipt]:
     """The receipts a fresh connection (another process's view) reads."""
     other = await _sqlite(tmp_path)
@@ -882,15 +894,13 @@ async def test_receipts_written_together_are_each_durable(tmp_path: Path) -> Non
             for i in range(300)
         ]
         before = store.commits
-        statements: list[str] = []
-        assert store._w._conn is not None
-        await store._w.call(lambda conn: conn.set_trace_callback(statements.append))
+        statements = await _traced(store)
         await asyncio.gather(*(store.record_request(r) for r in receipts))
         assert store.commits - before < 300  # many receipts per commit
         # All 300 were queued at once: one INSERT per MAX_RECEIPT_ROWS of them.
         inserts = [s for s in statements if s.startswith("INSERT INTO requests")]
         assert len(inserts) == -(-300 // sqlite_store.MAX_RECEIPT_ROWS)
-        await store._w.call(lambda conn: conn.set_trace_callback(None))
+        await _untraced(store)
         assert sorted(await _requests_seen_elsewhere(tmp_path), key=lambda r: r.id) == receipts
         # A receipt that cannot be written fails the callers in its batch, loudly...
         results = await asyncio.gather(
@@ -959,10 +969,7 @@ async def test_receipts_alone_commit_in_one_statement_and_join_an_open_batch(
 ) -> None:
     store = await _sqlite(tmp_path)
     try:
-        statements: list[str] = []
-        writer = store._w
-        assert writer._conn is not None
-        await writer.call(lambda conn: conn.set_trace_callback(statements.append))
+        statements = await _traced(store)
         receipt = RequestReceipt("req_1", 1.0, "a", "POST", "/v1/refunds", "r", "allow", 200, 1)
         await store.record_request(receipt)
         # Alone, the batch is SQLite's own transaction of its one INSERT: no BEGIN, no COMMIT.
