@@ -117,7 +117,8 @@ def create_app(
 ) -> web.Application:
     """Build the gateway. Tests inject a store, an upstream session, a mailer and a clock."""
     limiter = limiter_from_settings(settings)
-    # Room above max_body so the proxy can answer 413 in Stripe's shape itself.
+    # A declared Content-Length over max_body gets the proxy's own 413; a body that grows
+    # past it while read is refused by aiohttp, answered in Stripe's shape (error_from_http).
     app = web.Application(client_max_size=settings.max_body)
     app[keys.LIMITS] = limiter
     app[keys.ADDRESS_LIMITS] = address_limits(limiter, page_answer=pages.too_many_requests)
