@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.logs import configure_logging
-    from gateway.runtime import new_event_loop, settle_collector
+    from gateway.runtime import new_event_loop, settle_runtime
 
     settings = _settings(args.config)
     configure_logging(settings.log_level, settings.log_format)
@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.rules,
         settings.database_display,
     )
-    app.on_startup.append(settle_collector)  # last: after every cleanup_ctx has run
+    app.on_startup.append(settle_runtime)  # last: after every cleanup_ctx has run
     web.run_app(
         app,
         host=settings.host,

@@ -355,23 +355,26 @@ def test_timestamps_follow_the_clock_across_seconds() -> None:
 
 
 @pytest.fixture
-def collector() -> Iterator[None]:
-    """The collector as the test found it, afterwards."""
-    threshold = gc.get_threshold()
+def interpreter() -> Iterator[None]:
+    """The collector and the switch interval as the test found them, afterwards."""
+    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
     try:
         yield
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+        sys.setswitchinterval(interval)
 
 
-async def test_startup_freezes_what_it_made_and_raises_the_young_threshold(
-    collector: None,
+async def test_startup_freezes_what_it_made_and_shortens_the_switch_interval(
+    interpreter: None,
 ) -> None:
     kept = [object() for _ in range(10)]
-    await runtime.settle_collector(web.Application())
+    assert sys.getswitchinterval() == pytest.approx(0.005)  # CPython's default, until then
+    await runtime.settle_runtime(web.Application())
     assert gc.get_freeze_count() > len(kept)
     assert gc.get_threshold()[0] == runtime.YOUNG_THRESHOLD
+    assert sys.getswitchinterval() == pytest.approx(runtime.SWITCH_INTERVAL)
 
 
 def test_the_event_loop_is_uvloop_when_installed_unless_asked_otherwise(
@@ -395,7 +398,9 @@ def test_the_event_loop_is_uvloop_when_installed_unless_asked_otherwise(
 
 
 @pytest.mark.slow
-def test_serve_runs_on_uvloop_with_a_frozen_collector(tmp_path: Path) -> None:
+def test_serve_runs_on_uvloop_with_a_frozen_collector_and_a_short_switch_interval(
+    tmp_path: Path,
+) -> None:
     """``cosigner serve`` itself, as a process: what it loaded and what it says at startup."""
     pytest.importorskip("uvloop")
     env = {k: v for k, v in os.environ.items() if not k.startswith("COSIGNER_")}
@@ -416,6 +421,10 @@ def test_serve_runs_on_uvloop_with_a_frozen_collector(tmp_path: Path) -> None:
         if maps.exists():
             assert "uvloop" in maps.read_text()
         assert gw.terminate() == 0
-    startup = re.search(r"event loop (\w+); (\d+) startup objects frozen", gw.log.read_text())
+    startup = re.search(
+        r"event loop (\w+); switch interval ([\d.]+) ms; (\d+) startup objects frozen",
+        gw.log.read_text(),
+    )
     assert startup is not None, gw.log.read_text()[-2000:]
-    assert startup.group(1) == "uvloop" and int(startup.group(2)) > 10_000
+    assert startup.group(1) == "uvloop" and int(startup.group(3)) > 10_000
+    assert float(startup.group(2)) == runtime.SWITCH_INTERVAL * 1000
