@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -53,6 +53,7 @@ _HOP_BY_HOP_NAMES = tuple(istr(name) for name in HOP_BY_HOP)
 INITIAL_DELAY = 0.5
 MAX_DELAY = 5.0
 MAX_RETRY_AFTER = 60.0
+T = TypeVar("T")
 
 
 class Outbound(NamedTuple):
@@ -169,7 +170,7 @@ class Forwarder:
         self.attempts = attempts
         self._sleep = sleep
         self._observer = observer
-        self._reads: dict[tuple[object, ...], asyncio.Future[UpstreamResponse]] = {}
+        self._reads: dict[tuple[object, ...], asyncio.Future[Any]] = {}
 
     @property
     def attempt_timeout(self) -> float:
@@ -206,23 +207,25 @@ class Forwarder:
             kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             raise UpstreamError(f"upstream {kind}: {exc}".rstrip(": ")) from exc
 
-    async def read_shared(self, out: Outbound) -> UpstreamResponse:
+    async def read_shared(self, out: Outbound, parse: Callable[[UpstreamResponse], T]) -> T:
         """A GET the gateway makes for itself, shared by identical GETs already in flight.
 
         Holds on one object that arrive together (an agent retrying, a burst of refunds of
-        one charge) then cost Stripe one read and one rate-limit slot, not one each. A
-        caller that joins gets the answer to a read already on its way: at most one round
-        trip older than a read of its own. Identical means the same path, query and
-        headers (the API key and Stripe-Account among them). Once the answer is in, the
-        next GET reads afresh.
+        one charge) then cost Stripe one read and one rate-limit slot, not one each, and
+        the gateway one ``parse`` of the answer (a JSON decode): every caller gets the same
+        parsed value, which must therefore never be changed. A caller that joins gets the
+        answer to a read already on its way: at most one round trip older than a read of
+        its own. Identical means the same ``parse`` (a module-level function: it is part of
+        the key) and the same path, query and headers (the API key and Stripe-Account among
+        them). Once the answer is in, the next GET reads afresh.
         """
-        key = (out.method, out.path, out.query, *sorted(out.headers.items()))
+        key = (parse, out.method, out.path, out.query, *sorted(out.headers.items()))
         shared = self._reads.get(key)
         if shared is None:
-            shared = asyncio.ensure_future(self.send_once(out))
+            shared = asyncio.ensure_future(self._read_parsed(out, parse))
             self._reads[key] = shared
 
-            def done(task: asyncio.Future[UpstreamResponse]) -> None:
+            def done(task: asyncio.Future[Any]) -> None:
                 if self._reads.get(key) is task:
                     del self._reads[key]
                 if not task.cancelled():
@@ -230,7 +233,11 @@ class Forwarder:
 
             shared.add_done_callback(done)
         # One caller giving up (its timeout) does not cancel the read for the others.
-        return await asyncio.shield(shared)
+        parsed: T = await asyncio.shield(shared)
+        return parsed
+
+    async def _read_parsed(self, out: Outbound, parse: Callable[[UpstreamResponse], T]) -> T:
+        return parse(await self.send_once(out))
 
     async def send(
         self, out: Outbound, on_attempt: Callable[[Attempt], Awaitable[None]] | None = None

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gateway.canonical import CanonicalRequest
-from gateway.forwarder import Forwarder, Outbound, UpstreamError
+from gateway.forwarder import Forwarder, Outbound, UpstreamError, UpstreamResponse
 from gateway.rules import RuleSet
 from gateway.summary import clean
 
@@ -220,11 +220,19 @@ async def fetch(
     at = clock()
     try:
         async with asyncio.timeout(timeout):
-            resp = await forwarder.read_shared(out)
+            obj, error = await forwarder.read_shared(out, _object_or_error)
     except TimeoutError:
         return Lookup(target.source, at, error=f"lookup failed: no answer within {timeout:g}s")
     except UpstreamError as exc:
         return Lookup(target.source, at, error=f"lookup failed: {clean(exc, 200)}")
+    return Lookup(target.source, at, obj, error)
+
+
+def _object_or_error(resp: UpstreamResponse) -> tuple[Mapping[str, Any] | None, str | None]:
+    """Stripe's answer to a lookup, decoded once for every caller that shares the read.
+
+    The object is shared by those callers (holds on one charge): never changed.
+    """
     try:
         body = json.loads(resp.body)
     except ValueError:
@@ -233,12 +241,10 @@ async def fetch(
         message = ""
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             message = ": " + clean(body["error"].get("message") or "", 200)
-        return Lookup(
-            target.source, at, error=f"lookup failed: Stripe answered {resp.status}{message}"
-        )
+        return None, f"lookup failed: Stripe answered {resp.status}{message}"
     if not isinstance(body, dict):
-        return Lookup(target.source, at, error="lookup failed: Stripe's answer is not an object")
-    return Lookup(target.source, at, obj=body)
+        return None, "lookup failed: Stripe's answer is not an object"
+    return body, None
 
 
 def field_int(obj: Mapping[str, Any] | None, name: str) -> int | None:

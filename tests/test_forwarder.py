@@ -7,6 +7,7 @@ the policy is checked exactly without the test sleeping through it.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from gateway.forwarder import (
     Forwarder,
     ForwardFailed,
     Outbound,
+    UpstreamResponse,
     backoff,
     should_retry,
 )
@@ -180,14 +182,20 @@ def _lookup(key: str = "sk_test_1", path: str = "/v1/charges/ch_1") -> Outbound:
     return Outbound("GET", path, "", {"Authorization": f"Bearer {key}"}, b"")
 
 
+def _status(resp: UpstreamResponse) -> int:
+    return resp.status
+
+
 async def test_identical_reads_in_flight_share_one_request(serve: Any) -> None:
     upstream = await serve(Upstream([], delay=0.3))
     async with aiohttp.ClientSession() as session:
         forwarder = Forwarder(session, upstream.url, timeout=5, attempts=1)
-        answers = await asyncio.gather(*(forwarder.read_shared(_lookup()) for _ in range(5)))
-        assert len(upstream.seen) == 1 and {a.status for a in answers} == {200}
+        answers = await asyncio.gather(
+            *(forwarder.read_shared(_lookup(), _status) for _ in range(5))
+        )
+        assert len(upstream.seen) == 1 and set(answers) == {200}
         # Once the answer is in, the next read goes to Stripe afresh.
-        await forwarder.read_shared(_lookup())
+        await forwarder.read_shared(_lookup(), _status)
         assert len(upstream.seen) == 2
 
 
@@ -196,9 +204,9 @@ async def test_reads_with_other_keys_or_paths_are_never_shared(serve: Any) -> No
     async with aiohttp.ClientSession() as session:
         forwarder = Forwarder(session, upstream.url, timeout=5, attempts=1)
         await asyncio.gather(
-            forwarder.read_shared(_lookup("sk_test_1")),
-            forwarder.read_shared(_lookup("sk_test_2")),
-            forwarder.read_shared(_lookup("sk_test_1", "/v1/charges/ch_2")),
+            forwarder.read_shared(_lookup("sk_test_1"), _status),
+            forwarder.read_shared(_lookup("sk_test_2"), _status),
+            forwarder.read_shared(_lookup("sk_test_1", "/v1/charges/ch_2"), _status),
         )
         assert sorted(h["Authorization"] for h in upstream.seen) == [
             "Bearer sk_test_1",
@@ -211,9 +219,47 @@ async def test_a_reader_that_gives_up_leaves_the_read_to_the_others(serve: Any) 
     upstream = await serve(Upstream([], delay=0.4))
     async with aiohttp.ClientSession() as session:
         forwarder = Forwarder(session, upstream.url, timeout=5, attempts=1)
-        patient = asyncio.ensure_future(forwarder.read_shared(_lookup()))
+        patient = asyncio.ensure_future(forwarder.read_shared(_lookup(), _status))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.1):
-                await forwarder.read_shared(_lookup())
-        assert (await patient).status == 200
+                await forwarder.read_shared(_lookup(), _status)
+        assert (await patient) == 200
         assert len(upstream.seen) == 1
+
+
+async def test_a_shared_read_is_parsed_once_and_every_caller_gets_that_value(serve: Any) -> None:
+    upstream = await serve(Upstream([], delay=0.3))
+    parsed: list[UpstreamResponse] = []
+
+    def decode(resp: UpstreamResponse) -> dict[str, Any]:
+        parsed.append(resp)
+        return dict(json.loads(resp.body))
+
+    async with aiohttp.ClientSession() as session:
+        forwarder = Forwarder(session, upstream.url, timeout=5, attempts=1)
+        answers = await asyncio.gather(
+            *(forwarder.read_shared(_lookup(), decode) for _ in range(5))
+        )
+        assert len(parsed) == 1 and all(a is answers[0] for a in answers)
+        assert answers[0] == {"status": 200}
+        # Another parse of the same GET is a read of its own: it is part of what is shared.
+        await asyncio.gather(
+            forwarder.read_shared(_lookup(), decode), forwarder.read_shared(_lookup(), _status)
+        )
+        assert len(upstream.seen) == 3
+
+
+async def test_a_parse_that_fails_fails_every_caller_of_that_read(serve: Any) -> None:
+    upstream = await serve(Upstream([], delay=0.2))
+
+    def broken(resp: UpstreamResponse) -> int:
+        raise ValueError("unreadable")
+
+    async with aiohttp.ClientSession() as session:
+        forwarder = Forwarder(session, upstream.url, timeout=5, attempts=1)
+        results = await asyncio.gather(
+            *(forwarder.read_shared(_lookup(), broken) for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, ValueError) for r in results)
+        assert len(upstream.seen) == 1
+        assert await forwarder.read_shared(_lookup(), _status) == 200  # nothing left behind
