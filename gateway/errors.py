@@ -25,10 +25,11 @@ exceptions: ``{"error": {"type": ..., "code": ..., "message": ...}}``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
+
+from gateway.jsontext import compact
 
 
 class CosignerError(Exception):
@@ -185,16 +186,12 @@ class UpstreamUnavailable(CosignerError):
     code = "upstream_unavailable"
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
-
 def error_response(exc: CosignerError) -> web.Response:
     """Render any gateway error as Stripe would, never asking the SDK to retry."""
     headers = {"Stripe-Should-Retry": "false", **exc.headers}
     return web.Response(
         status=exc.status,
-        text=_dumps(exc.body()),
+        text=compact(exc.body()),
         content_type="application/json",
         headers=headers,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -29,6 +28,7 @@ from gateway.errors import (
 )
 from gateway.facts import for_reviewers
 from gateway.forwarder import FORWARD_REQUEST_HEADERS, Outbound, UpstreamError
+from gateway.jsontext import compact
 from gateway.keys import (
     ACTIONS,
     AGENTS,
@@ -87,7 +87,7 @@ def _forward_headers(request: web.Request) -> dict[str, str]:
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
-        text=json.dumps(body, separators=(",", ":")),
+        text=compact(body),
         content_type="application/json",
         headers=headers,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import multiprocessing
 import os
@@ -23,7 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import ids, runtime
+from gateway import ids, jsontext, runtime
 from gateway.app import create_app
 from gateway.canonical import read_request
 from gateway.crypto import Keyring
@@ -338,6 +339,16 @@ def test_the_access_line_reads_as_the_format_string_would_write_it() -> None:
     assert TextFormatter().format(bare) == logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s"
     ).format(bare)
+
+
+def test_compact_json_is_what_json_dumps_writes_with_compact_separators() -> None:
+    for value in (
+        {"a": [1, 2.5, None, True], "é": "ü\u2028", "nested": {"x": {}}},
+        [],
+        "text",
+        {"amount": 10**30},
+    ):
+        assert jsontext.compact(value) == json.dumps(value, separators=(",", ":"))
 
 
 def test_timestamps_follow_the_clock_across_seconds() -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from gateway.jsontext import compact
 from gateway.store.base import (
     ActionFilter,
     ActionRecord,
@@ -87,7 +88,7 @@ async def _init_connection(conn: Connection) -> None:
     """JSON columns travel as Python objects."""
     await conn.set_type_codec(
         "json",
-        encoder=lambda v: json.dumps(v, separators=(",", ":")),
+        encoder=compact,
         decoder=json.loads,
         schema="pg_catalog",
     )

@@ -22,11 +22,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from functools import partial
 from importlib import resources
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
+from gateway.jsontext import compact
 from gateway.store.base import (
     ActionFilter,
     ActionRecord,
@@ -48,8 +50,20 @@ _ACTION_SELECT = "SELECT " + ", ".join(ACTION_COLUMNS) + " FROM actions"
 
 def _dump(name: str, value: Any) -> Any:
     if name in JSON_FIELDS:
-        return None if value is None else json.dumps(value, separators=(",", ":"))
+        return None if value is None else compact(value)
     return value
+
+
+_action_values = attrgetter(*ACTION_COLUMNS)  # an action's values in column order, in C
+_ACTION_JSON = tuple(name in JSON_FIELDS for name in ACTION_COLUMNS)
+
+
+def _action_row(action: ActionRecord) -> list[Any]:
+    """An action's values as the INSERT binds them: its JSON columns as text."""
+    return [
+        compact(value) if is_json and value is not None else value
+        for is_json, value in zip(_ACTION_JSON, _action_values(action), strict=True)
+    ]
 
 
 def _action(row: Sequence[Any]) -> ActionRecord:
@@ -383,7 +397,7 @@ class SqliteTx:
     async def insert_action(self, action: ActionRecord) -> ActionRecord:
         cols = ", ".join(ACTION_COLUMNS)
         marks = ", ".join("?" for _ in ACTION_COLUMNS)
-        values = [_dump(n, getattr(action, n)) for n in ACTION_COLUMNS]
+        values = _action_row(action)
         if action.idempotency_key is None and action.join_key is None:
             # Nothing to collide with but its own new id: no need to wait for the INSERT's
             # answer, so it goes with the next trip (a hold is then one trip, not two).
