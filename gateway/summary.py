@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from typing import Any
 
 # Stripe's zero-decimal and three-decimal currencies (stripe.com/docs/currencies).
@@ -82,9 +81,11 @@ def format_amount(amount: Any, currency: Any) -> str:
         return f"{minor} (minor units, currency unknown)"
     cur = currency.lower()
     exponent = minor_exponent(cur)
-    major = Decimal(abs(minor)).scaleb(-exponent)
+    # Exact in integers: the major units with thousands separators, then the minor digits.
+    whole, fraction = divmod(abs(minor), 10**exponent)
+    major = f"{whole:,}.{fraction:0{exponent}d}" if exponent else f"{whole:,}"
     sign = "-" if minor < 0 else ""
-    return f"{sign}{SYMBOLS.get(cur, '')}{major:,.{exponent}f} {cur.upper()}"
+    return f"{sign}{SYMBOLS.get(cur, '')}{major} {cur.upper()}"
 
 
 def clean(value: Any, limit: int = MAX_SHOWN) -> str:

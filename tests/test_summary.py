@@ -28,6 +28,9 @@ SUB_CTX = {"currency": "usd", "amount": 2000, "interval": "month", "customer": "
         (123456, "tnd", "123.456 TND"),
         (2500, "sek", "25.00 SEK"),
         (-500, "usd", "-$5.00 USD"),
+        (-5, "kwd", "-0.005 KWD"),
+        (10**20 + 1, "usd", "$1,000,000,000,000,000,000.01 USD"),  # exact: no float on the way
+        (1000, "USD", "$10.00 USD"),
         (4999, None, "4999 (minor units, currency unknown)"),
         (4999, "", "4999 (minor units, currency unknown)"),
         (4999, "us dollars", "4999 (minor units, currency unknown)"),
