@@ -253,7 +253,7 @@ async def _hold(
     )
     if reservation is not None:
         context["budget"] = reservation.as_context()
-    action, _created = await app[ACTIONS].hold(
+    action, created = await app[ACTIONS].hold(
         HoldRequest(
             request=req,
             decision=decision,
@@ -270,15 +270,21 @@ async def _hold(
             reviewers=decision.reviewers or settings.reviewer_list,
         )
     )
-    return await _answer(request, action, req, wait)
+    # A new action was made from this very request: its hash is this request's.
+    return await _answer(request, action, req, wait, action.request_hash if created else None)
 
 
 async def _answer(
-    request: web.Request, action: ActionRecord, req: CanonicalRequest, wait: int
+    request: web.Request,
+    action: ActionRecord,
+    req: CanonicalRequest,
+    wait: int,
+    req_hash: str | None = None,
 ) -> web.Response:
     """The outcome for this request's action, after waiting up to ``wait`` s for a decision."""
     request[INFO].action_id = action.id
-    req_hash = request_hash(req)
+    if req_hash is None:
+        req_hash = request_hash(req)
     # A mismatched Idempotency-Key is refused at once, never after a wait.
     if wait and action.request_hash == req_hash:
         action = await wait_for_outcome(request.app[ACTIONS], action, wait)
