@@ -3,7 +3,7 @@
 Starts on loopback: nginx answering every request with a Stripe-sized charge
 (the upstream, never the bottleneck), bench/bare_proxy.py (the baseline) and
 `python -m gateway serve` (Cosigner, rules in bench/rules). wrk drives each
-scenario in alternating rounds (bare, Cosigner, bare, Cosigner, ...); the
+scenario in alternating rounds (bare, Cosigner, Cosigner, bare, ...); the
 table shows medians over rounds and, per round, paired ratios whose median
 is the verdict, so a machine that gets busier mid-run hurts both sides alike.
 Then a fresh Cosigner takes 100,000 held actions over HTTP (gateway RSS
@@ -329,9 +329,15 @@ def measure(
     duration: int,
     warmup: int,
 ) -> None:
-    """Alternate the sides round by round; a short unmeasured warm-up before each run."""
+    """Alternate the sides round by round; a short unmeasured warm-up before each run.
+
+    Every other round runs the sides in reverse (bare, Cosigner, Cosigner, bare, ...):
+    a machine that speeds up or slows down steadily during a scenario then favours
+    neither side's position in the pairs.
+    """
     for number in range(1, rounds + 1):
-        for side in scenario.sides:
+        order = scenario.sides if number % 2 else scenario.sides[::-1]
+        for side in order:
             if side == "upstream" and number > upstream_rounds:
                 continue
             port = ports[side]
@@ -874,11 +880,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.splitlines()[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--rounds", type=int, default=3, help="measured rounds per side")
+    p.add_argument("--rounds", type=int, default=7, help="measured rounds per side")
     p.add_argument(
         "--upstream-rounds", type=int, default=1, help="rounds of nginx alone (the ceiling)"
     )
-    p.add_argument("--duration", type=int, default=5, help="seconds per measured run")
+    p.add_argument("--duration", type=int, default=3, help="seconds per measured run")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured seconds before each run")
     p.add_argument("--actions", type=int, default=100_000, help="held actions for memory/pages")
     p.add_argument("--fill-connections", type=int, default=32)

@@ -117,6 +117,24 @@ async def test_bare_proxy_forwards_request_and_answer(
     ]
 
 
+def test_rounds_alternate_the_sides_and_reverse_them_every_other_round(run: ModuleType) -> None:
+    load = _module("load")
+    ran: list[int] = []
+
+    class Recorder:
+        def run(self, port: int, call: Any, connections: int, seconds: int) -> Any:
+            ran.append(port)
+            return load.Result(100 * seconds, seconds, 1.0, 1.0, 1.0, 1.0, 0)
+
+    scenario = run.Scenario("GET @32", run.GET, 32, ("upstream", "bare", "cosigner"))
+    ports = {"upstream": 1, "bare": 2, "cosigner": 3}
+    run.measure(scenario, ports, Recorder(), 4, 1, 3, 0)
+    # nginx alone once; then the pairs, each adjacent, in turn A B, B A, A B, B A.
+    assert ran == [1, 2, 3, 3, 2, 2, 3, 3, 2]
+    assert len(scenario.results["bare"]) == len(scenario.results["cosigner"]) == 4
+    assert scenario.ratio() == 1.0
+
+
 def test_result_counts_only_successful_answers_as_throughput() -> None:
     load = _module("load")
     line = (
