@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
+from multidict import istr
 
 from gateway import keys
 from gateway.actions import ActionService
@@ -37,6 +38,8 @@ from gateway.workers import every
 log = logging.getLogger("cosigner")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# As an istr, folded once: a plain str name is case-folded on every response.
+REQUEST_ID_HEADER = istr("Cosigner-Request-Id")
 RESERVED_PREFIXES = ("/cosigner/", "/dashboard", "/review/", "/healthz", "/readyz", "/metrics")
 
 
@@ -97,9 +100,9 @@ def _finish(
 ) -> None:
     """Stamp the request id, count the request, and write its one canonical log line."""
     if not response.prepared:
-        response.headers["Cosigner-Request-Id"] = info.request_id
+        response.headers[REQUEST_ID_HEADER] = info.request_id
     request.app[keys.METRICS].request(info.decision, info.rule, response.status)
-    log_request(info, request, response.status, (time.perf_counter() - started) * 1000)
+    log_request(info, request, response.status, started)
 
 
 async def reserved_not_found(request: web.Request) -> web.Response:
