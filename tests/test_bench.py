@@ -135,6 +135,24 @@ def test_rounds_alternate_the_sides_and_reverse_them_every_other_round(run: Modu
     assert scenario.ratio() == 1.0
 
 
+def test_each_side_warms_up_once_before_its_first_round(run: ModuleType) -> None:
+    load = _module("load")
+    ran: list[tuple[int, int]] = []
+
+    class Recorder:
+        def run(self, port: int, call: Any, connections: int, seconds: int) -> Any:
+            ran.append((port, seconds))
+            return load.Result(100 * seconds, seconds, 1.0, 1.0, 1.0, 1.0, 0)
+
+    scenario = run.Scenario("GET @32", run.GET, 32, ("upstream", "bare", "cosigner"))
+    ports = {"upstream": 1, "bare": 2, "cosigner": 3}
+    run.measure(scenario, ports, Recorder(), 3, 1, 2, 5)
+    # A warm-up (5 s) before each side's first measured run (2 s), none after.
+    assert ran == [(1, 5), (1, 2), (2, 5), (2, 2), (3, 5), (3, 2), (3, 2), (2, 2), (2, 2), (3, 2)]
+    assert all(r.seconds == 2 for runs in scenario.results.values() for r in runs)
+    assert len(scenario.results["bare"]) == len(scenario.results["cosigner"]) == 3
+
+
 def test_result_counts_only_successful_answers_as_throughput() -> None:
     load = _module("load")
     line = (
