@@ -235,7 +235,7 @@ def _object_or_error(resp: UpstreamResponse) -> tuple[Mapping[str, Any] | None, 
     """
     try:
         body = json.loads(resp.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python decodes
         body = None
     if resp.status != 200:
         message = ""

@@ -181,6 +181,19 @@ def test_lookup_error_holds_a_refund_a_small_rule_would_allow(
     assert not upstream.requests(method="POST", path="/v1/refunds")
 
 
+def test_an_answer_that_cannot_be_decoded_is_a_lookup_error_not_a_crash() -> None:
+    from multidict import CIMultiDict
+
+    from gateway.forwarder import UpstreamResponse
+    from gateway.resolve import _object_or_error
+
+    for body in (b"not json", b"[" * 200_000 + b"]" * 200_000, b'{"a":' * 200_000):
+        answer = UpstreamResponse(200, CIMultiDict(), body, 1.0)
+        assert _object_or_error(answer) == (None, "lookup failed: Stripe's answer is not an object")
+    failed = UpstreamResponse(500, CIMultiDict(), b"[" * 200_000, 1.0)
+    assert _object_or_error(failed) == (None, "lookup failed: Stripe answered 500")
+
+
 def test_a_slow_lookup_holds_instead_of_hanging(
     tmp_path: Path, fake_stripe: str, upstream: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
