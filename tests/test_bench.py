@@ -117,38 +117,49 @@ async def test_bare_proxy_forwards_request_and_answer(
     ]
 
 
-def test_rounds_alternate_the_sides_and_reverse_them_every_other_round(run: ModuleType) -> None:
-    load = _module("load")
-    ran: list[int] = []
+class _Recorder:
+    """A load generator that records (port, seconds) of each run and answers 100 req/s."""
 
-    class Recorder:
-        def run(self, port: int, call: Any, connections: int, seconds: int) -> Any:
-            ran.append(port)
-            return load.Result(100 * seconds, seconds, 1.0, 1.0, 1.0, 1.0, 0)
+    def __init__(self) -> None:
+        self.ran: list[tuple[int, int]] = []
 
+    def run(self, port: int, call: Any, connections: int, seconds: int) -> Any:
+        self.ran.append((port, seconds))
+        return _module("load").Result(100 * seconds, seconds, 1.0, 1.0, 1.0, 1.0, 0)
+
+
+def _measured(run: ModuleType, rounds: int, duration: int, warmup: int) -> tuple[Any, _Recorder]:
     scenario = run.Scenario("GET @32", run.GET, 32, ("upstream", "bare", "cosigner"))
-    ports = {"upstream": 1, "bare": 2, "cosigner": 3}
-    run.measure(scenario, ports, Recorder(), 4, 1, 3, 0)
+    load = _Recorder()
+    run.measure(
+        scenario, {"upstream": 1, "bare": 2, "cosigner": 3}, load, rounds, 1, duration, warmup
+    )
+    return scenario, load
+
+
+def test_rounds_alternate_the_sides_and_reverse_them_every_other_round(run: ModuleType) -> None:
+    scenario, load = _measured(run, rounds=4, duration=3, warmup=0)
     # nginx alone once; then the pairs, each adjacent, in turn A B, B A, A B, B A.
-    assert ran == [1, 2, 3, 3, 2, 2, 3, 3, 2]
+    assert [port for port, _ in load.ran] == [1, 2, 3, 3, 2, 2, 3, 3, 2]
     assert len(scenario.results["bare"]) == len(scenario.results["cosigner"]) == 4
     assert scenario.ratio() == 1.0
 
 
 def test_each_side_warms_up_once_before_its_first_round(run: ModuleType) -> None:
-    load = _module("load")
-    ran: list[tuple[int, int]] = []
-
-    class Recorder:
-        def run(self, port: int, call: Any, connections: int, seconds: int) -> Any:
-            ran.append((port, seconds))
-            return load.Result(100 * seconds, seconds, 1.0, 1.0, 1.0, 1.0, 0)
-
-    scenario = run.Scenario("GET @32", run.GET, 32, ("upstream", "bare", "cosigner"))
-    ports = {"upstream": 1, "bare": 2, "cosigner": 3}
-    run.measure(scenario, ports, Recorder(), 3, 1, 2, 5)
+    scenario, load = _measured(run, rounds=3, duration=2, warmup=5)
     # A warm-up (5 s) before each side's first measured run (2 s), none after.
-    assert ran == [(1, 5), (1, 2), (2, 5), (2, 2), (3, 5), (3, 2), (3, 2), (2, 2), (2, 2), (3, 2)]
+    assert load.ran == [
+        (1, 5),
+        (1, 2),
+        (2, 5),
+        (2, 2),
+        (3, 5),
+        (3, 2),
+        (3, 2),
+        (2, 2),
+        (2, 2),
+        (3, 2),
+    ]
     assert all(r.seconds == 2 for runs in scenario.results.values() for r in runs)
     assert len(scenario.results["bare"]) == len(scenario.results["cosigner"]) == 3
 
