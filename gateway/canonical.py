@@ -50,8 +50,7 @@ import math
 import re
 from codecs import unicode_escape_decode
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote_plus, unquote
 
 from gateway.errors import (
@@ -90,9 +89,13 @@ _PLAIN = r"[A-Za-z0-9_.\-~\[\]]*"
 _PLAIN_FORM = re.compile(rf"{_PLAIN}={_PLAIN}(?:&{_PLAIN}={_PLAIN})*")
 
 
-@dataclass(frozen=True, slots=True)
-class CanonicalRequest:
-    """A request as the rules judge it and as it will be forwarded, byte for byte."""
+class CanonicalRequest(NamedTuple):
+    """A request as the rules judge it and as it will be forwarded, byte for byte.
+
+    A NamedTuple, as the other immutable records on the per-request path are (see
+    :class:`gateway.forwarder.Outbound`): as read-only as a frozen dataclass, and made
+    without setting each field through ``object.__setattr__``.
+    """
 
     method: str
     path: str
@@ -105,32 +108,6 @@ class CanonicalRequest:
     def target(self) -> str:
         """The canonical request target: path plus ``?query`` when there is one."""
         return f"{self.path}?{self.query}" if self.query else self.path
-
-
-# The slots' own setters: what a frozen dataclass's __init__ reaches through
-# object.__setattr__ for each field (most of what reading a GET cost), called directly.
-_SET_METHOD, _SET_PATH, _SET_QUERY, _SET_PARAMS, _SET_BODY, _SET_CONTENT_TYPE = (
-    vars(CanonicalRequest)[field.name].__set__ for field in fields(CanonicalRequest)
-)
-
-
-def _canonical_request(
-    method: str,
-    path: str,
-    query: str,
-    params: dict[str, Any],
-    body: bytes,
-    content_type: str | None,
-) -> CanonicalRequest:
-    """``CanonicalRequest(...)``, field for field, for less than its __init__ costs."""
-    req: CanonicalRequest = object.__new__(CanonicalRequest)
-    _SET_METHOD(req, method)
-    _SET_PATH(req, path)
-    _SET_QUERY(req, query)
-    _SET_PARAMS(req, params)
-    _SET_BODY(req, body)
-    _SET_CONTENT_TYPE(req, content_type)
-    return req
 
 
 def _show(text: str) -> str:
@@ -161,6 +138,28 @@ def normalise_path(raw_path: str) -> str:
             raise InvalidPath(_path_complaint(segment))
         segments.append(segment)
     return "/" + "/".join(segments)
+
+
+# Raw request paths read before, and their canonical form: most calls name a path that came
+# before (``/v1/refunds``, an object polled again), and reading it again touches code (two
+# regexes, the API's words) that a busy loop has long pushed out of its caches. Only short
+# paths, and a bounded number of them, are remembered: what an agent sends cannot grow it.
+_READ_PATHS: dict[str, str] = {}
+MAX_READ_PATHS = 4096
+MAX_REMEMBERED_PATH = 256
+
+
+def canonical_path(raw_path: str) -> str:
+    """``normalise_path(raw_path)``, then ``check_api_path``: InvalidPath if either refuses."""
+    path = _READ_PATHS.get(raw_path)
+    if path is None:
+        path = normalise_path(raw_path)
+        check_api_path(path)
+        if len(raw_path) <= MAX_REMEMBERED_PATH:
+            if len(_READ_PATHS) >= MAX_READ_PATHS:
+                _READ_PATHS.clear()
+            _READ_PATHS[raw_path] = path
+    return path
 
 
 def _decode_segment(raw: str) -> str:
@@ -249,6 +248,10 @@ def _read_usual_form(text: str) -> tuple[dict[str, Any], str] | None:
     its own encoding (see _build_usual). Anything else, and every invalid text, goes the
     general way, which raises its error in its order.
     """
+    if "%5B" in text:
+        # The escapes the Stripe SDK sends, its brackets, decoded by replacing them: no escape
+        # spans one of them (a "[" or "]" is no hex digit), and decoding them leaves none.
+        text = text.replace("%5B", "[").replace("%5D", "]")
     if "%" in text:
         if "%26" in text or "%3D" in text or "%3d" in text or not text.isascii():
             return None
@@ -294,7 +297,29 @@ def _build_usual(pairs: Iterable[tuple[str, str]]) -> tuple[dict[str, Any], bool
     try:
         for key, value in pairs:
             if "[" in key:
-                placed = _add_nested(root, key, value)
+                name, _, sub = key.partition("[")
+                sub = sub[:-1] if key[-1] == "]" else ""
+                # The usual nested name, ``metadata[order]``: one level, in an object (no
+                # list index). What _add_nested does with it, without its walk.
+                if (
+                    sub
+                    and not "0" <= sub[0] <= "9"
+                    and name
+                    and "]" not in name
+                    and "[" not in sub
+                    and "]" not in sub
+                ):
+                    node = root.get(name)
+                    if node is None:
+                        root[name] = {sub: value}
+                        placed = _NEW
+                    elif type(node) is dict and sub not in node:
+                        node[sub] = value
+                        placed = _INSIDE
+                    else:
+                        return None  # given before: a duplicate, or a list
+                else:
+                    placed = _add_nested(root, key, value)
                 if placed == _LISTED:
                     listed = True
                 elif placed == _INSIDE and ordered:
@@ -683,8 +708,7 @@ def read_request(
         raw_path, _, raw_query = raw_target.partition("?")
     else:  # the usual request target: cheaper than partition
         raw_path, raw_query = raw_target, ""
-    path = normalise_path(raw_path)
-    check_api_path(path)
+    path = canonical_path(raw_path)
     query_params: dict[str, Any] = {}
     query = ""
     if raw_query:
@@ -720,13 +744,8 @@ def read_request(
     else:
         params = dict(query_params)
         _merge_disjoint(params, body_params)
-    return _canonical_request(
-        method,
-        path,
-        query,
-        params,
-        canonical_body,
-        media if canonical_body else None,
+    return CanonicalRequest(
+        method, path, query, params, canonical_body, media if canonical_body else None
     )
 
 

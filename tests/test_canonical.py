@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -767,6 +766,31 @@ def test_normalised_paths_are_safe_and_stable(raw: str) -> None:
         assert segment and segment.strip(".") and "%" not in segment
 
 
+@pytest.mark.parametrize("raw", ["/v1/refunds", "/v1//refunds/", "/v1/./charges/ch_1/"])
+def test_a_path_read_again_reads_as_the_first_time(raw: str) -> None:
+    first = read_request("GET", raw, None, b"").path
+    assert read_request("GET", raw, None, b"").path == first == normalise_path(raw)
+
+
+@pytest.mark.parametrize("raw", ["/v1/REFUNDS", "/v1/refunds.json", "/v1/../v1/refunds", "/v3/x"])
+def test_a_refused_path_is_refused_every_time(raw: str) -> None:
+    for _ in range(2):
+        with pytest.raises(InvalidPath):
+            read_request("GET", raw, None, b"")
+
+
+def test_the_paths_remembered_are_few_and_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    remembered: dict[str, str] = {}
+    monkeypatch.setattr(canonical, "_READ_PATHS", remembered)
+    for n in range(canonical.MAX_READ_PATHS + 10):
+        assert canonical.canonical_path(f"/v1/charges/ch_{n}") == f"/v1/charges/ch_{n}"
+        assert len(remembered) <= canonical.MAX_READ_PATHS
+    assert f"/v1/charges/ch_{canonical.MAX_READ_PATHS + 9}" in remembered  # the latest
+    long = "/v1/charges/ch_" + "x" * canonical.MAX_REMEMBERED_PATH
+    assert canonical.canonical_path(long) == long
+    assert long not in remembered
+
+
 # --- fast paths ----------------------------------------------------------------------
 #
 # read_request reads the usual form text by a faster way (canonical._read_usual_form: the
@@ -818,6 +842,12 @@ FORM_EDGES = [
     "metadata[k]=v&metadata%5Bk%5D=w",
     "%5Ba%5D=1",
     "a=%5B%5D&b=[&c=]",
+    "a%5B%5Bb%5D%5D=1",
+    "a%%5Bb%5D=1",
+    "a%5Bb%5%5D=1",
+    "a%5Bb%5D=%C3%A9",
+    "a%5Bb%5D=\u00e9",
+    "a%5Bb%5D=x+y&c=%2B",
     # control characters, raw or escaped, in names and values; other unprintables
     "a=%0A",
     "a%0A=1",
@@ -872,6 +902,14 @@ FORM_EDGES = [
     "a[0]=x&a[b]=y",
     "a[][b]=1",
     "a[b][]=x&a[b][]=y",
+    "a[]=1&a[b]=2",
+    "a[b]=1&a[]=2",
+    "a[b]=1&a[0]=2",
+    "a[b]=1&a[b]=2",
+    "a[b]=1&a[b][c]=2",
+    "a[b][c]=1&a[b]=2",
+    "a[b]=1&a[c]=2&a[d]=3",
+    "a[b]=1&c=2&a[d]=3",
     "0=x&1a=y",
     # order: encode_form's, whatever the order the pairs came in
     "a[y]=1&ab=2&a[x]=3",
@@ -1071,7 +1109,7 @@ def test_json_reading_agrees_with_json_loads_everywhere(
 def test_read_request_makes_a_true_canonical_request() -> None:
     req = read_request("POST", "/v1/x?q=1", FORM, b"a=1&m[k]=v")
     assert type(req) is CanonicalRequest
-    assert dataclasses.replace(req) == req
-    assert repr(req) == repr(CanonicalRequest(**dataclasses.asdict(req)))
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    assert req._replace() == req
+    assert repr(req) == repr(CanonicalRequest(**req._asdict()))
+    with pytest.raises(AttributeError):
         req.path = "/v1/y"  # type: ignore[misc]
